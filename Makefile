@@ -1,0 +1,41 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Each sets up .venv first.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench study lint setup browser clean
+
+setup: $(STAMP)
+
+# torch is pinned and installed first: 2.13.0 is the CPU wheel on local disk; anything
+# unpinned would pull several GB of CUDA builds. pyproject's range admits this pin.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[keras,tensorboard,web,ray,dev]'
+	touch $(STAMP)
+
+# Debian's chromium for the browser tests (never a downloaded browser build).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi; }
+
+demo: $(STAMP)
+	$(BIN)/gradwatch demo
+
+test: $(STAMP) browser
+	$(BIN)/ruff check src tests benchmarks
+	KERAS_BACKEND=torch $(BIN)/python -m pytest -q -n 2 tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/monitor_overhead.py
+	$(BIN)/python benchmarks/sweep_throughput.py
+
+study: $(STAMP)
+	$(BIN)/gradwatch study all
+
+clean:
+	rm -rf $(VENV) gradwatch-runs gradwatch-report

@@ -1,0 +1,152 @@
+"""The ``gradwatch`` command: each command parses, calls the library, prints. Nothing else.
+
+User mistakes (bad spec values, unknown runs, unreadable files) print one red line and exit 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from gradwatch.spec import SpecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="See, diagnose and fix vanishing and exploding gradients.")
+console = Console()
+STORE = typer.Option(None, "--store", help="SQLite run store (default ./gradwatch-runs/runs.db or $GRADWATCH_STORE)")
+
+
+def _store(path: Path | None):
+    from gradwatch.store import Store
+
+    return Store(path)
+
+
+def progress() -> Progress:
+    """A progress bar with runs done, elapsed time and runs/s."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[rate]}"), console=console, transient=False)
+
+
+def print_rows(title: str, rows: list[dict]) -> None:
+    """A rich table of dict rows; floats in 3 significant digits."""
+    table = Table(title=title)
+    for col in rows[0] if rows else []:
+        table.add_column(col, justify="left" if col in ("name", "verdict") else "right")
+    for row in rows:
+        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()))
+    console.print(table)
+
+
+@app.command()
+def demo(
+    json_path: Path = typer.Option(None, "--json", help="also write the table as JSON here"),
+    out: Path = typer.Option(Path("gradwatch-report"), "--out", help="folder for the HTML report and PNGs"),
+    epochs: int = typer.Option(None, help="override the seed's 100 epochs (quick looks)"),
+    seeds: int = typer.Option(3, min=1, help="seeds per case"),
+    workers: int = typer.Option(None, min=1, help="worker processes (default: one per core)"),
+    store: Path = STORE,
+) -> None:
+    """Reproduce the seed experiment and its remedies: table, JSON and an HTML report."""
+    from gradwatch.report.html import write_demo_report
+    from gradwatch.studies import demo as study
+    from gradwatch.sweep import run_each
+
+    db, runs = _store(store), []
+    jobs = study.jobs(epochs, tuple(range(seeds)))
+    with progress() as bar:
+        task = bar.add_task("training the seed's nets", total=len(jobs), rate="")
+
+        def done(run):
+            db.put_run(run)
+            runs.append(run)
+            bar.update(task, advance=1, rate=f"{len(runs) / max(bar.tasks[0].elapsed or 1e-9, 1e-9):.1f} runs/s")
+
+        run_each(jobs, done, workers)
+    rows = study.summarize(runs)
+    print_rows("the seed's experiment (medians over seeds)", rows)
+    if json_path:
+        json_path.write_text(json.dumps({"cases": rows}, indent=2))
+        console.print(f"wrote {json_path}")
+    console.print(f"report: {write_demo_report(runs, rows, out).resolve()}")
+
+
+@app.command("train")
+def train_cmd(
+    spec_file: Path = typer.Option(None, "--spec", help="YAML/JSON spec file"),
+    flags: list[str] = typer.Argument(None, help="overrides such as model.depth=3 train.optimizer=sgd"),
+    name: str = typer.Option("", help="a name to find the run by"),
+    store: Path = STORE,
+) -> None:
+    """Train one spec, store it, print its summary and diagnosis."""
+    from gradwatch.diagnose import diagnose
+    from gradwatch.spec import Spec, from_flags
+    from gradwatch.train import train
+
+    spec = from_flags(flags or [], Spec.from_file(spec_file) if spec_file else None)
+    run = train(spec, name=name)
+    _store(store).put_run(run)
+    _print_run(run, diagnose(run.records))
+
+
+@app.command()
+def runs(store: Path = STORE, group: str = typer.Option(None, help="only runs of this group")) -> None:
+    """List stored runs."""
+    rows = [{"id": r["id"], "name": r["name"], "group": r["group"], "status": r["status"],
+             "final_loss": r["summary"].get("final_loss") or float("nan"),
+             "verdict": r["summary"].get("verdict", "")} for r in _store(store).runs(group)]
+    print_rows(f"{len(rows)} runs", rows) if rows else console.print("no runs stored yet")
+
+
+@app.command()
+def show(run: str = typer.Argument(..., help="run id, id prefix or name"), store: Path = STORE) -> None:
+    """Print one stored run: spec, summary, per-layer gradient norms and diagnosis."""
+    from gradwatch.diagnose import diagnose
+
+    stored = _store(store).get(run)
+    _print_run(stored, diagnose(stored.records))
+
+
+@app.command("diagnose")
+def diagnose_cmd(run: str = typer.Argument(..., help="run id, id prefix or name"), store: Path = STORE) -> None:
+    """Diagnose a stored run in plain language."""
+    from gradwatch.diagnose import diagnose
+
+    findings = diagnose(_store(store).get(run).records)
+    console.print("\n".join(map(str, findings)) or "no findings: gradients look healthy")
+
+
+def _print_run(run, findings) -> None:
+    console.print(f"[bold]{run.name or run.id}[/] ({run.id}, {run.status})")
+    if run.spec:
+        console.print(json.dumps(run.spec))
+    summary = {k: v for k, v in run.summary.items() if not isinstance(v, list | dict)}
+    console.print(summary)
+    first = run.records.at("grad_norm", 0)
+    if first:
+        print_rows("gradient norm per layer at the first step",
+                   [{"layer": k, "grad_norm": v} for k, v in first.items()])
+    console.print("\n".join(map(str, findings)) or "no findings: gradients look healthy")
+
+
+def main() -> None:
+    """Console entry point: click's own errors as usual, gradwatch's user errors as one red line."""
+    try:
+        app(standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except (SpecError, KeyError, FileNotFoundError) as exc:
+        message = exc.args[0] if exc.args else str(exc)
+        console.print(f"[red]error: {message}[/]", highlight=False)
+        sys.exit(2)

@@ -1,0 +1,86 @@
+"""Records, the long table every later stage reads, and Run, what a training run leaves behind.
+
+Records are the only contract downstream of training: the store, the diagnosis, the report and the
+web page read rows ``(step, epoch, layer, stat, value)`` and never touch a model, which is what lets
+the PyTorch watcher, the Keras callback and the ensemble trainer stand in for one another.
+``layer`` is the framework's own module name (``dense1`` .. ``out``; ``""`` for whole-model scalars
+such as ``loss``); ``stat`` is a key of ``stats.STATS`` or an epoch-level scalar.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+COLUMNS = ("step", "epoch", "layer", "stat", "value")
+
+
+class Records:
+    """Append-only rows, optionally bounded to the last ``maxlen`` (a long watch stays small)."""
+
+    def __init__(self, rows: Iterable[tuple] = (), maxlen: int | None = None):
+        self.rows: deque[tuple[int, int, str, str, float]] = deque(rows, maxlen=maxlen)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, step: int, epoch: int, stat: str, values: dict[str, float]) -> None:
+        """One row per layer of ``values`` (layer -> value) for ``stat`` at ``step``/``epoch``."""
+        self.rows.extend((step, epoch, layer, stat, float(v)) for layer, v in values.items())
+
+    def stats(self) -> list[str]:
+        return list(dict.fromkeys(r[3] for r in self.rows))
+
+    def layers(self, stat: str) -> list[str]:
+        """Layer names that have ``stat``, in the order they were first recorded (input to output)."""
+        return list(dict.fromkeys(r[2] for r in self.rows if r[3] == stat))
+
+    def series(self, stat: str, layer: str = "", by: str = "step") -> tuple[list[int], list[float]]:
+        """(x, values) of one stat of one layer over time; ``by`` is ``step`` or ``epoch``."""
+        col = COLUMNS.index(by)
+        rows = [r for r in self.rows if r[3] == stat and r[2] == layer]
+        return [r[col] for r in rows], [r[4] for r in rows]
+
+    def at(self, stat: str, step: int | None = None) -> dict[str, float]:
+        """layer -> value of ``stat`` at ``step`` (default: the first step that has it)."""
+        rows = [r for r in self.rows if r[3] == stat]
+        if not rows:
+            return {}
+        step = rows[0][0] if step is None else step
+        return {r[2]: r[4] for r in rows if r[0] == step}
+
+    def last(self, stat: str) -> dict[str, float]:
+        """layer -> value of ``stat`` at the last step that has it."""
+        rows = [r for r in self.rows if r[3] == stat]
+        return self.at(stat, rows[-1][0]) if rows else {}
+
+    def to_pandas(self, run: str = ""):
+        """The long table as a DataFrame with a ``run`` column, ready for ``pivot_table``."""
+        import pandas as pd
+
+        frame = pd.DataFrame(list(self.rows), columns=list(COLUMNS))
+        frame.insert(0, "run", run)
+        return frame
+
+
+@dataclass
+class Run:
+    """A finished (or diverged) run: its spec, its records and a few summary numbers.
+
+    ``spec`` is ``Spec.model_dump()`` for gradwatch's own runs and ``{}`` for a watched user model;
+    ``key`` is ``Spec.key()`` (empty for user models) and lets a sweep skip what is already stored.
+    ``status`` is ``finished`` or ``diverged`` (NaN/Inf met: a finding, not a crash).
+    """
+
+    records: Records
+    spec: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    status: str = "finished"
+    name: str = ""
+    group: str = ""
+    key: str = ""
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    created: float = field(default_factory=time.time)

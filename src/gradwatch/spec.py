@@ -1,0 +1,161 @@
+"""The one place that names every experiment knob: ``Spec = DataSpec + ModelSpec + TrainSpec``.
+
+Like nanoGPT's ``GPTConfig``, a Spec is the single source of truth for a run; unlike it, every field
+is validated (pydantic, frozen, unknown fields refused) so that a typo fails at once with one line
+naming the field and what is allowed, instead of training the wrong model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Activation = Literal["sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "linear"]
+OutputActivation = Literal["sigmoid", "softmax", "tanh", "linear"]
+Init = Literal[
+    "default", "glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_normal", "orthogonal"
+]
+
+
+class SpecError(ValueError):
+    """A user mistake in a spec: one line, ``field: got X; allowed: ...``."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataSpec(_Frozen):
+    """Which data set, how much of it, and how it is split (scikit-learn's bundled generators)."""
+
+    name: Literal["moons", "circles", "spirals", "xor", "digits", "adding", "recall"] = "moons"
+    n_samples: int = Field(250, ge=8, le=200_000)
+    noise: float = Field(0.05, ge=0.0, le=10.0)
+    seed: int = Field(42, ge=0)
+    test_size: float = Field(0.2, gt=0.0, lt=1.0)
+    seq_len: int = Field(50, ge=2, le=2000, description="time steps, for the sequence tasks only")
+
+
+class ModelSpec(_Frozen):
+    """The network: a Keras-like MLP of ``depth`` Dense layers of ``width`` units, or a recurrent net."""
+
+    kind: Literal["mlp", "rnn", "lstm", "gru"] = "mlp"
+    depth: int = Field(10, ge=0, le=256, description="hidden layers (recurrent: ignored)")
+    width: int = Field(10, ge=1, le=4096)
+    activation: Activation = "sigmoid"
+    output_activation: OutputActivation = "sigmoid"
+    init: Init = "glorot_uniform"
+    init_gain: float = Field(1.0, gt=0.0, le=100.0, description="multiplies the init's scale")
+    bias_init: float = Field(0.0, ge=-100.0, le=100.0)
+    norm: Literal["none", "batch", "layer"] = "none"
+    residual: bool = False
+
+
+class TrainSpec(_Frozen):
+    """How it trains: the seed notebook's Keras defaults (Adam, lr 0.001, batch 32)."""
+
+    optimizer: Literal["sgd", "adam"] = "adam"
+    learning_rate: float = Field(0.001, gt=0.0, le=100.0)
+    epochs: int = Field(100, ge=1, le=100_000)
+    batch_size: int = Field(32, ge=1, le=100_000)
+    clip_norm: float | None = Field(None, gt=0.0)
+    clip_value: float | None = Field(None, gt=0.0)
+    seed: int = Field(0, ge=0)
+
+
+class Spec(_Frozen):
+    """A whole experiment; ``key()`` identifies it in the store and lets sweeps resume."""
+
+    data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
+    train: TrainSpec = TrainSpec()
+
+    def key(self) -> str:
+        """Stable 16-hex-digit hash of the canonical JSON of every field."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def replace(self, **dotted: Any) -> Spec:
+        """A copy with ``model.depth=3``-style overrides, validated like a fresh spec."""
+        return parse(_merge(self.model_dump(mode="json"), dotted))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Spec:
+        """Load a spec from YAML or JSON (JSON is YAML)."""
+        return parse(load_mapping(path))
+
+
+def load_mapping(path: str | Path) -> dict:
+    """Read a YAML/JSON mapping, refusing unreadable files with a one-line SpecError."""
+    try:
+        value = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpecError(f"{path}: cannot read ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    if not isinstance(value, dict):
+        raise SpecError(f"{path}: got {type(value).__name__}; allowed: a mapping with data/model/train")
+    return value
+
+
+def parse(mapping: dict, cls: type[BaseModel] = Spec) -> Any:
+    """Validate a nested mapping into ``cls``; the first problem becomes a one-line SpecError."""
+    try:
+        return cls.model_validate(mapping)
+    except ValidationError as exc:
+        raise SpecError(explain(exc, cls)) from None
+
+
+def _merge(base: dict, dotted: dict[str, Any]) -> dict:
+    out = json.loads(json.dumps(base))
+    for name, value in dotted.items():
+        *parents, leaf = name.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"{name}: got a path through a value; allowed: data.*, model.*, train.*")
+        node[leaf] = value
+    return out
+
+
+def from_flags(flags: list[str], base: Spec | None = None) -> Spec:
+    """Build a spec from ``model.depth=3 train.optimizer=sgd`` strings (values parsed as YAML)."""
+    dotted = {}
+    for flag in flags:
+        name, sep, text = flag.partition("=")
+        if not sep:
+            raise SpecError(f"{flag}: got no '='; allowed: field=value, e.g. model.depth=3")
+        dotted[name.strip()] = yaml.safe_load(text)
+    return (base or Spec()).replace(**dotted)
+
+
+def explain(exc: ValidationError, cls: type[BaseModel]) -> str:
+    """Turn pydantic's first error into ``field: got X; allowed: ...``."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal["))]
+    field = ".".join(loc) or cls.__name__
+    got = err.get("input")
+    ctx = err.get("ctx", {})
+    if err["type"] == "extra_forbidden":
+        return f"{field}: unknown field; allowed: {', '.join(_fields_at(cls, loc[:-1]))}"
+    if err["type"] == "literal_error":
+        allowed = ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
+    elif any(k in ctx for k in ("ge", "gt", "le", "lt")):
+        ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+        allowed = " and ".join(f"{ops[k]} {ctx[k]}" for k in ("ge", "gt", "le", "lt") if k in ctx)
+    else:
+        allowed = err["msg"].lower()
+    return f"{field}: got {got!r}; allowed: {allowed}"
+
+
+def _fields_at(cls: type[BaseModel], path: list[str]) -> list[str]:
+    for part in path:
+        annotation = cls.model_fields[part].annotation if part in cls.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        cls = annotation
+    return list(cls.model_fields)

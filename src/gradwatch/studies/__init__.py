@@ -1,0 +1,1 @@
+"""STUDIES: curated experiments; each module gives ``jobs()`` and ``summarize(runs)``, no training code."""

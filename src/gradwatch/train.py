@@ -1,0 +1,166 @@
+"""``train(spec) -> Run``: the one training loop, written the way the seed notebook's ``fit`` runs.
+
+Keras semantics where the seed assumes them: shuffled mini-batches each epoch, the epoch's ``loss``
+is the mean of its batch losses, Adam with epsilon 1e-7, BCE on a sigmoid output. The loop attaches
+``watch()`` exactly as a user would; on top it keeps the first Dense layer's weight matrix at start
+and end so the seed's ``(old - new) / lr`` and percent change come out as the notebook defines them.
+It stores nothing: callers put the Run in a Store.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from gradwatch.data import check_output, load
+from gradwatch.diagnose import verdict
+from gradwatch.nets import OUTPUTS, build
+from gradwatch.records import Run
+from gradwatch.spec import Spec
+from gradwatch.stats import percent_change, seed_gradient
+from gradwatch.watch import watch
+
+TRACE = 4  # first-layer weights traced per epoch (the seed's epoch-vs-weight plot)
+
+
+def make_optimizer(spec: Spec, params) -> torch.optim.Optimizer:
+    """Adam with Keras's epsilon (1e-7, not torch's 1e-8), or plain SGD."""
+    if spec.train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=spec.train.learning_rate, eps=1e-7)
+    return torch.optim.SGD(params, lr=spec.train.learning_rate)
+
+
+def clip_(spec: Spec, params) -> torch.Tensor | None:
+    """Clip gradients as the spec asks; returns the total norm before clipping (optax's norm_before_clip)."""
+    total = None
+    if spec.train.clip_norm is not None:
+        total = torch.nn.utils.clip_grad_norm_(params, spec.train.clip_norm)
+    if spec.train.clip_value is not None:
+        torch.nn.utils.clip_grad_value_(params, spec.train.clip_value)
+    return total
+
+
+def first_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The first layer's weight matrix: ``dense1.weight`` in our MLPs, the input weights of a cell."""
+    return next(p for n, p in model.named_parameters() if n.endswith("weight") or n.endswith("weight_ih"))
+
+
+def train(spec: Spec, every: int = 10, on_epoch: Callable[[int], None] | None = None, name: str = "",
+          group: str = "") -> Run:
+    """Train ``spec``'s model on its data; NaN/Inf ends the run as ``diverged``, never as an error."""
+    data = load(spec.data)
+    check_output(data.task, spec.model.output_activation, spec.data.name)
+    torch.manual_seed(spec.train.seed)
+    model = build(spec.model, data.x_train.shape[-1], data.n_outputs)
+    optimizer = make_optimizer(spec, model.parameters())
+    loss_fn, predict = OUTPUTS[spec.model.output_activation]
+    order = torch.Generator().manual_seed(spec.train.seed)
+    w = watch(model, optimizer, every=every)
+    weight = first_weight(model)
+    start = weight.detach().clone()
+    dense = _dense_weights(model)
+    initial = {n: p.detach().clone() for n, p in dense.items()}
+    status = "finished"
+    for epoch in range(spec.train.epochs):
+        model.train()
+        losses, totals = [], []
+        for batch in torch.randperm(len(data.x_train), generator=order).split(spec.train.batch_size):
+            optimizer.zero_grad()
+            loss = loss_fn(model(data.x_train[batch]), data.y_train[batch])
+            loss.backward()
+            totals.append(clip_(spec, model.parameters()))
+            optimizer.step()
+            losses.append(loss.detach())
+        scalars = {"loss": torch.stack(losses).mean().item()}  # sync: once per epoch
+        if totals[0] is not None:
+            scalars["grad_norm_before_clip"] = torch.stack(totals).max().item()
+        scalars.update(evaluate(model, data, loss_fn, predict))
+        w.log(epoch=epoch, **scalars)
+        record_seed_measures(w, dense, initial, spec.train.learning_rate, epoch)
+        if on_epoch:
+            on_epoch(epoch)
+        if not math.isfinite(scalars["loss"]):
+            status = "diverged"
+            break
+    w.detach()
+    summary = summarize(w, start, weight.detach(), spec, status)
+    if data.task == "binary" and data.x_train.dim() == 2 and data.x_train.shape[1] == 2:
+        summary["boundary"] = boundary(model, data.x_train)
+    return Run(records=w.records, spec=spec.model_dump(mode="json"), summary=summary, status=status,
+               name=name, group=group, key=spec.key())
+
+
+@torch.no_grad()
+def evaluate(model, data, loss_fn, predict) -> dict[str, float]:
+    """Training-set accuracy and test loss/accuracy, in eval mode (batch norm uses running stats)."""
+    model.eval()
+    out = {}
+    for split, x, y in (("", data.x_train, data.y_train), ("test_", data.x_test, data.y_test)):
+        z = model(x)
+        if split:
+            out["test_loss"] = loss_fn(z, y).item()
+        if data.task != "regression":
+            out[f"{split}accuracy"] = (predict(z) == y).float().mean().item()
+    model.train()
+    return out
+
+
+def _dense_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """layer name -> weight matrix of every Dense layer (or a cell's input weights)."""
+    return {n.rsplit(".", 1)[0]: p for n, p in model.named_parameters() if n.endswith(("weight", "weight_ih"))
+            and p.dim() == 2}
+
+
+def record_seed_measures(w, dense: dict, initial: dict, learning_rate: float, epoch: int) -> None:
+    """Per Dense layer, the seed's two measures from the start of training to now, plus a weight trace.
+
+    ``seed_gradient`` is mean |(old - new) / lr| and ``percent_change`` the median |100 (old - new) / old|,
+    exactly as the notebook computes them between the weights before and after ``fit``.
+    """
+    with torch.no_grad():
+        now = {n: p.detach() for n, p in dense.items()}
+        grads = torch.stack([seed_gradient(initial[n], now[n], learning_rate).abs().mean() for n in dense])
+        pcts = torch.stack([percent_change(initial[n], now[n]).nanmedian() for n in dense])
+        first = next(iter(dense))
+        values = torch.cat([grads, pcts, now[first].flatten()[:TRACE]]).tolist()  # sync: once per epoch
+    k = len(dense)
+    w.records.add(w.step, epoch, "seed_gradient", dict(zip(dense, values[:k], strict=True)))
+    w.records.add(w.step, epoch, "percent_change", dict(zip(dense, values[k : 2 * k], strict=True)))
+    w.records.add(w.step, epoch, "weight", {f"{first}[{j}]": v for j, v in enumerate(values[2 * k :])})
+
+
+@torch.no_grad()
+def boundary(model: torch.nn.Module, x: torch.Tensor, n: int = 50) -> dict:
+    """The model's output probability on an n x n grid around the data (for decision-boundary plots)."""
+    model.eval()
+    lo, hi = x.min(0).values - 0.5, x.max(0).values + 0.5
+    gx, gy = torch.linspace(lo[0], hi[0], n), torch.linspace(lo[1], hi[1], n)
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1).reshape(-1, 2)
+    prob = torch.sigmoid(model(grid)).reshape(n, n)
+    return {"x": gx.tolist(), "y": gy.tolist(), "p": prob.tolist()}
+
+
+def summarize(w, start: torch.Tensor, end: torch.Tensor, spec: Spec, status: str) -> dict:
+    """The headline numbers of a run: final loss/accuracy, the seed's measures, the init gradient ratio."""
+    recs = w.records
+    last = {stat: recs.series(stat)[1][-1] for stat in ("loss", "accuracy", "test_accuracy", "test_loss")
+            if recs.series(stat)[1]}
+    init = recs.at("grad_norm", 0)
+    names = list(init)
+    ratio = init[names[0]] / init[names[-1]] if len(names) > 1 and init[names[-1]] > 0 else float("nan")
+    summary = {
+        "final_loss": last.get("loss"),
+        "accuracy": last.get("test_accuracy"),
+        "train_accuracy": last.get("accuracy"),
+        "test_loss": last.get("test_loss"),
+        "first_layer_grad": seed_gradient(start, end, spec.train.learning_rate).abs().mean().item(),
+        "first_layer_pct_change": percent_change(start, end).nanmedian().item(),
+        "grad_ratio_first_last": ratio,
+        "first_weights_start": start.tolist(),
+        "first_weights_end": end.tolist(),
+        "steps": w.step,
+    }
+    summary["verdict"] = verdict(ratio, status)
+    return summary
