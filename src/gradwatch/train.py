@@ -47,49 +47,81 @@ def first_weight(model: torch.nn.Module) -> torch.Tensor:
     return next(p for n, p in model.named_parameters() if n.endswith("weight") or n.endswith("weight_ih"))
 
 
-def train(spec: Spec, every: int = 10, on_epoch: Callable[[int], None] | None = None, name: str = "",
-          group: str = "") -> Run:
-    """Train ``spec``'s model on its data; NaN/Inf ends the run as ``diverged``, never as an error."""
-    data = load(spec.data)
-    check_output(data.task, spec.model.output_activation, spec.data.name)
-    torch.manual_seed(spec.train.seed)
-    model = build(spec.model, data.x_train.shape[-1], data.n_outputs)
-    optimizer = make_optimizer(spec, model.parameters())
-    loss_fn, predict = OUTPUTS[spec.model.output_activation]
-    order = torch.Generator().manual_seed(spec.train.seed)
-    w = watch(model, optimizer, every=every)
-    weight = first_weight(model)
-    start = weight.detach().clone()
-    dense = _dense_weights(model)
-    initial = {n: p.detach().clone() for n, p in dense.items()}
-    status = "finished"
-    for epoch in range(spec.train.epochs):
+class Training:
+    """One run, advanced an epoch at a time: ``train()`` loops it; the web page steps it live.
+
+    Holds the model, its optimizer and the attached Watcher; ``epoch()`` trains one shuffled pass
+    and returns its scalars; ``finish()`` detaches the watcher and returns the Run.
+    """
+
+    def __init__(self, spec: Spec, every: int = 10, name: str = "", group: str = ""):
+        self.spec, self.name, self.group = spec, name, group
+        self.data = load(spec.data)
+        check_output(self.data.task, spec.model.output_activation, spec.data.name)
+        torch.manual_seed(spec.train.seed)
+        self.model = build(spec.model, self.data.x_train.shape[-1], self.data.n_outputs)
+        self.optimizer = make_optimizer(spec, self.model.parameters())
+        self.loss_fn, self.predict = OUTPUTS[spec.model.output_activation]
+        self.order = torch.Generator().manual_seed(spec.train.seed)
+        self.watcher = watch(self.model, self.optimizer, every=every)
+        self.first = first_weight(self.model)
+        self.start = self.first.detach().clone()
+        self.dense = _dense_weights(self.model)
+        self.initial = {n: p.detach().clone() for n, p in self.dense.items()}
+        self.epochs_done, self.status = 0, "finished"
+
+    @property
+    def done(self) -> bool:
+        return self.status == "diverged" or self.epochs_done >= self.spec.train.epochs
+
+    def epoch(self) -> dict[str, float]:
+        """Train one epoch; NaN/Inf marks the run ``diverged`` (a finding, never an exception)."""
+        spec, data, model, w = self.spec, self.data, self.model, self.watcher
         model.train()
         losses, totals = [], []
-        for batch in torch.randperm(len(data.x_train), generator=order).split(spec.train.batch_size):
-            optimizer.zero_grad()
-            loss = loss_fn(model(data.x_train[batch]), data.y_train[batch])
+        for batch in torch.randperm(len(data.x_train), generator=self.order).split(spec.train.batch_size):
+            self.optimizer.zero_grad()
+            loss = self.loss_fn(model(data.x_train[batch]), data.y_train[batch])
             loss.backward()
             totals.append(clip_(spec, model.parameters()))
-            optimizer.step()
+            self.optimizer.step()
             losses.append(loss.detach())
         scalars = {"loss": torch.stack(losses).mean().item()}  # sync: once per epoch
         if totals[0] is not None:
             scalars["grad_norm_before_clip"] = torch.stack(totals).max().item()
-        scalars.update(evaluate(model, data, loss_fn, predict))
-        w.log(epoch=epoch, **scalars)
-        record_seed_measures(w, dense, initial, spec.train.learning_rate, epoch)
-        if on_epoch:
-            on_epoch(epoch)
+        scalars.update(evaluate(model, data, self.loss_fn, self.predict))
+        w.log(epoch=self.epochs_done, **scalars)
+        record_seed_measures(w, self.dense, self.initial, spec.train.learning_rate, self.epochs_done)
+        self.epochs_done += 1
         if not math.isfinite(scalars["loss"]):
-            status = "diverged"
-            break
-    w.detach()
-    summary = summarize(w, start, weight.detach(), spec, status)
-    if data.task == "binary" and data.x_train.dim() == 2 and data.x_train.shape[1] == 2:
-        summary["boundary"] = boundary(model, data.x_train)
-    return Run(records=w.records, spec=spec.model_dump(mode="json"), summary=summary, status=status,
-               name=name, group=group, key=spec.key())
+            self.status = "diverged"
+        return scalars
+
+    def finish(self) -> Run:
+        """Detach the watcher and package the records and summary as a Run."""
+        self.watcher.detach()
+        summary = summarize(self.watcher, self.start, self.first.detach(), self.spec, self.status)
+        x = self.data.x_train
+        if self.data.task == "binary" and x.dim() == 2 and x.shape[1] == 2:
+            summary["boundary"] = boundary(self.model, x)
+        return Run(records=self.watcher.records, spec=self.spec.model_dump(mode="json"), summary=summary,
+                   status=self.status, name=self.name, group=self.group, key=self.spec.key())
+
+
+def train(spec: Spec, every: int = 10, on_epoch: Callable[[int], None] | None = None, name: str = "",
+          group: str = "") -> Run:
+    """Train ``spec``'s model on its data and return the Run (stored by the caller, if at all).
+
+    Examples:
+        >>> run = gradwatch.train(gradwatch.Spec().replace(**{"model.activation": "relu"}))
+        >>> run.summary["final_loss"], run.summary["verdict"]
+    """
+    training = Training(spec, every, name, group)
+    while not training.done:
+        training.epoch()
+        if on_epoch:
+            on_epoch(training.epochs_done - 1)
+    return training.finish()
 
 
 @torch.no_grad()
