@@ -101,13 +101,18 @@ def vanishing(records: Records) -> list[Finding]:
         return []
     weak = [n for n in names[:-1] if last > 0 and norms[n] / last < _t("vanishing_ratio")]
     saturated = max(_median_by_layer(records, "saturated_frac").values(), default=0.0)
-    first = ("relu_he", "residual", "batch_norm") if saturated or ratio < 1e-5 else ("residual", "batch_norm", "relu_he")
+    dead = max(_median_by_layer(records, "dead_frac").values(), default=0.0)
+    if dead >= _t("dead_frac"):  # rectifiers are already in use: their dead units are the cause
+        first = ("leaky_relu", "he_init", "batch_norm")
+    elif saturated >= _t("saturated_frac") or ratio < 1e-5:
+        first = ("relu_he", "residual", "batch_norm")
+    else:
+        first = ("residual", "batch_norm", "relu_he")
     return [
         Finding(
             "vanishing",
             weak,
-            {"grad_ratio_first_last": ratio, "first_grad_norm": norms[names[0]], "last_grad_norm": last,
-             "sigmoid_bound_0.25^L": 0.25 ** len(weak)},
+            {"grad_ratio_first_last": ratio, "first_grad_norm": norms[names[0]], "last_grad_norm": last},
             "high" if ratio < 1e-5 else "medium",
             _remedies(*first, "fewer_layers"),
         )

@@ -145,17 +145,30 @@ def explain(exc: ValidationError, cls: type[BaseModel]) -> str:
     if err["type"] == "literal_error":
         allowed = ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
     elif any(k in ctx for k in ("ge", "gt", "le", "lt")):
-        ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-        allowed = " and ".join(f"{ops[k]} {ctx[k]}" for k in ("ge", "gt", "le", "lt") if k in ctx)
+        allowed = _bounds(cls, loc) or err["msg"].lower()
     else:
         allowed = err["msg"].lower()
     return f"{field}: got {got!r}; allowed: {allowed}"
 
 
-def _fields_at(cls: type[BaseModel], path: list[str]) -> list[str]:
+def _bounds(cls: type[BaseModel], loc: list[str]) -> str:
+    """The whole allowed range of a numeric field, e.g. ``> 0.0 and < 1.0``."""
+    owner = _model_at(cls, loc[:-1])
+    info = owner.model_fields.get(loc[-1]) if owner else None
+    ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    parts = [f"{ops[k]} {getattr(m, k)}" for m in (info.metadata if info else []) for k in ops if hasattr(m, k)]
+    return " and ".join(parts)
+
+
+def _model_at(cls: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
     for part in path:
         annotation = cls.model_fields[part].annotation if part in cls.model_fields else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
+            return None
         cls = annotation
-    return list(cls.model_fields)
+    return cls
+
+
+def _fields_at(cls: type[BaseModel], path: list[str]) -> list[str]:
+    owner = _model_at(cls, path)
+    return list(owner.model_fields) if owner else []

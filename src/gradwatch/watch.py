@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
 
-from gradwatch import diagnose as diagnosis
+from gradwatch.diagnose import diagnose as _diagnose
 from gradwatch.nets import RECTIFIERS, SATURATING
 from gradwatch.records import Records, Run
 from gradwatch.stats import STATS, Layout
@@ -194,7 +194,7 @@ class Watcher:
     def diagnose(self):
         """Findings for what was recorded so far; see :func:`gradwatch.diagnose`."""
         self.flush()
-        return diagnosis.diagnose(self.records)
+        return _diagnose(self.records)
 
     def run(self, **fields) -> Run:
         """The records as a :class:`Run`, ready for ``Store.put_run``."""

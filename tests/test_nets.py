@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import torch
+
+from gradwatch.nets import ACTIVATIONS, INITS, build
+from gradwatch.spec import ModelSpec
+
+FAN_IN, FAN_OUT = 1000, 800
+# init -> variance it promises for a (FAN_OUT, FAN_IN) weight
+PROMISED = {
+    "default": 1 / (3 * FAN_IN),  # kaiming_uniform(a=sqrt 5): bound = 1/sqrt(fan_in)
+    "glorot_uniform": 2 / (FAN_IN + FAN_OUT),
+    "glorot_normal": 2 / (FAN_IN + FAN_OUT),
+    "he_uniform": 2 / FAN_IN,
+    "he_normal": 2 / FAN_IN,
+    "lecun_normal": 1 / FAN_IN,
+    "orthogonal": 1 / FAN_IN,  # rows orthonormal: each row has unit norm over FAN_IN entries
+}
+
+# activation -> closed-form derivative
+DERIVATIVES = {
+    "sigmoid": lambda x: torch.sigmoid(x) * (1 - torch.sigmoid(x)),
+    "tanh": lambda x: 1 - torch.tanh(x) ** 2,
+    "relu": lambda x: (x > 0).float(),
+    "leaky_relu": lambda x: torch.where(x > 0, 1.0, 0.01),
+    "prelu": lambda x: torch.where(x > 0, 1.0, 0.25),
+    "elu": lambda x: torch.where(x > 0, 1.0, torch.exp(x)),
+    "selu": lambda x: 1.0507009873554805 * torch.where(x > 0, 1.0, 1.6732632423543772 * torch.exp(x)),
+    "gelu": lambda x: 0.5 * (1 + torch.erf(x / math.sqrt(2))) + x * torch.exp(-(x**2) / 2) / math.sqrt(2 * math.pi),
+    "linear": lambda x: torch.ones_like(x),
+}
+
+
+def test_every_table_entry_is_tested():
+    assert set(PROMISED) == set(INITS)
+    assert set(DERIVATIVES) == set(ACTIVATIONS)
+
+
+@pytest.mark.parametrize("name", sorted(INITS))
+def test_init_gives_the_variance_it_promises(name):
+    torch.manual_seed(0)
+    w = torch.empty(FAN_OUT, FAN_IN)
+    INITS[name](w)
+    assert w.var().item() == pytest.approx(PROMISED[name], rel=0.03)
+    assert abs(w.mean().item()) < 0.01 * math.sqrt(PROMISED[name]) * 10
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_derivative_matches_closed_form(name):
+    x = torch.linspace(-6, 6, 1001).requires_grad_()
+    ACTIVATIONS[name]()(x).sum().backward()
+    assert torch.allclose(x.grad, DERIVATIVES[name](x.detach()), atol=1e-5)
+
+
+def test_sigmoid_derivative_peaks_at_a_quarter():
+    x = torch.linspace(-6, 6, 1001).requires_grad_()
+    torch.sigmoid(x).sum().backward()
+    assert x.grad.max().item() == pytest.approx(0.25, abs=1e-6)  # the 0.25^L chain-rule bound
+
+
+def test_mlp_layers_are_named_like_the_seed_tables():
+    model = build(ModelSpec(depth=3, norm="batch"), 2, 1)
+    names = [n for n, _ in model.named_children()]
+    assert names == ["dense1", "norm1", "act1", "dense2", "norm2", "act2", "dense3", "norm3", "act3", "out"]
+
+
+def test_keras_defaults_zero_bias_and_gain_scales_weights():
+    torch.manual_seed(0)
+    plain = build(ModelSpec(depth=2), 2, 1)
+    torch.manual_seed(0)
+    scaled = build(ModelSpec(depth=2, init_gain=3.0, bias_init=-2.0), 2, 1)
+    assert torch.all(plain.dense1.bias == 0)
+    assert torch.allclose(scaled.dense1.weight, 3 * plain.dense1.weight)
+    assert torch.all(scaled.dense2.bias == -2.0) and torch.all(scaled.out.bias == 0)
+
+
+def test_residual_adds_the_block_input():
+    torch.manual_seed(0)
+    model = build(ModelSpec(depth=2, activation="linear", residual=True), 3, 1)
+    x = torch.randn(4, 3)
+    h1 = model.dense1(x)
+    expected = model.out(h1 + model.dense2(h1))
+    assert torch.allclose(model(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
+def test_recurrent_nets_keep_every_hidden_state_for_temporal_gradients(kind):
+    model = build(ModelSpec(kind=kind, width=8), 2, 1)
+    model.keep_states = True
+    model(torch.randn(5, 7, 2)).sum().backward()
+    assert len(model.states) == 7
+    assert all(h.grad is not None and h.grad.shape == (5, 8) for h in model.states)
