@@ -1,4 +1,5 @@
 import pytest
+from pydantic import ValidationError
 
 from gradwatch.spec import Spec, SpecError, from_flags
 
@@ -40,7 +41,7 @@ def test_key_is_stable_and_changes_with_any_field():
 
 
 def test_spec_is_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         Spec().model.depth = 3  # type: ignore[misc]
 
 

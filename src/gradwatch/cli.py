@@ -21,6 +21,7 @@ from gradwatch.spec import SpecError
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="See, diagnose and fix vanishing and exploding gradients.")
 console = Console()
+errors = Console(stderr=True, soft_wrap=True)
 STORE = typer.Option(None, "--store", help="SQLite run store (default ./gradwatch-runs/runs.db or $GRADWATCH_STORE)")
 
 
@@ -148,5 +149,5 @@ def main() -> None:
         sys.exit(130)
     except (SpecError, KeyError, FileNotFoundError) as exc:
         message = exc.args[0] if exc.args else str(exc)
-        console.print(f"[red]error: {message}[/]", highlight=False)
+        errors.print(f"[red]error: {message}[/]", highlight=False)
         sys.exit(2)

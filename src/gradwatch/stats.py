@@ -28,7 +28,8 @@ class Layout:
         device = groups[0][0].device
         seg = [i for i, group in enumerate(groups) for _ in group]
         numel = [sum(t[0].numel() if members else t.numel() for t in g) for g in groups]
-        return cls(torch.tensor(seg, device=device), torch.tensor(numel, dtype=torch.float32, device=device), len(groups))
+        numel_t = torch.tensor(numel, dtype=torch.float32, device=device)
+        return cls(torch.tensor(seg, device=device), numel_t, len(groups))
 
 
 def _norms(tensors: list[Tensor], ord: float, members: bool) -> Tensor:
