@@ -52,11 +52,17 @@ def test_recorded_gradient_norms_equal_autograd():
     for (name, _), g in zip(model.named_parameters(), grads, strict=True):
         layer = name.rsplit(".", 1)[0]
         expected[layer] = expected.get(layer, 0.0) + g.pow(2).sum().item()
+    weights = {n.rsplit(".", 1)[0]: g.norm().item() for (n, _), g in zip(model.named_parameters(), grads, strict=True)
+               if n.endswith("weight")}
     training.epoch()
     recorded = training.watcher.records.at("grad_norm", 0)
     assert recorded.keys() == expected.keys()
     for layer, sq in expected.items():
         assert recorded[layer] == pytest.approx(math.sqrt(sq), rel=1e-5)
+    recorded_weights = training.watcher.records.at("weight_grad_norm", 0)
+    assert recorded_weights == pytest.approx(weights, rel=1e-5)
+    run = training.finish()
+    assert run.summary["grad_ratio_first_last"] == pytest.approx(weights["dense1"] / weights["out"], rel=1e-5)
 
 
 def test_divergence_is_recorded_not_raised():

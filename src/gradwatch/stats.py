@@ -123,6 +123,7 @@ STATS = {
     "grad_mean_abs": mean_abs,
     "grad_max_abs": max_abs,
     "nonfinite": nonfinite,
+    "weight_grad_norm": norm,  # a Dense layer's weight matrix alone, biases left out
     "weight_norm": norm,
     "update_ratio": update_ratio,
     "backprop_norm": norm,  # norm of dL/d(layer output): the signal itself, not the weights' share

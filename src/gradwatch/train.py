@@ -19,7 +19,7 @@ from gradwatch.diagnose import verdict
 from gradwatch.nets import OUTPUTS, build
 from gradwatch.records import Run
 from gradwatch.spec import Spec
-from gradwatch.stats import percent_change, seed_gradient
+from gradwatch.stats import STATS, Layout, percent_change, seed_gradient
 from gradwatch.watch import watch
 
 TRACE = 4  # first-layer weights traced per epoch (the seed's epoch-vs-weight plot)
@@ -68,6 +68,7 @@ class Training:
         self.start = self.first.detach().clone()
         self.dense = _dense_weights(self.model)
         self.initial = {n: p.detach().clone() for n, p in self.dense.items()}
+        self.dense_layout = Layout.of([[p] for p in self.dense.values()])
         self.epochs_done, self.status = 0, "finished"
 
     @property
@@ -83,6 +84,8 @@ class Training:
             self.optimizer.zero_grad()
             loss = self.loss_fn(model(data.x_train[batch]), data.y_train[batch])
             loss.backward()
+            if not losses:
+                self._record_weight_grads()
             totals.append(clip_(spec, model.parameters()))
             self.optimizer.step()
             losses.append(loss.detach())
@@ -96,6 +99,18 @@ class Training:
         if not math.isfinite(scalars["loss"]):
             self.status = "diverged"
         return scalars
+
+    def _record_weight_grads(self) -> None:
+        """Dense weight-matrix gradient norms (biases left out), on each epoch's first batch.
+
+        The seed's and AUTOTRAINER's measure: a large output-bias gradient would otherwise mask
+        the first/last ratio at initialisation.
+        """
+        grads = [p.grad for p in self.dense.values()]
+        if any(g is None for g in grads):
+            return
+        norms = STATS["weight_grad_norm"](grads, self.dense_layout).tolist()  # sync: once per epoch
+        self.watcher.records.add(self.watcher.step, self.epochs_done, "weight_grad_norm", dict(zip(self.dense, norms)))
 
     def finish(self) -> Run:
         """Detach the watcher and package the records and summary as a Run."""
@@ -175,11 +190,14 @@ def boundary(model: torch.nn.Module, x: torch.Tensor, n: int = 50) -> dict:
 
 
 def summarize(w, start: torch.Tensor, end: torch.Tensor, spec: Spec, status: str) -> dict:
-    """The headline numbers of a run: final loss/accuracy, the seed's measures, the init gradient ratio."""
+    """The headline numbers of a run: final loss/accuracy, the seed's measures, the init gradient ratio.
+
+    ``grad_ratio_first_last`` is first / last Dense layer's weight-gradient norm on the first batch.
+    """
     recs = w.records
     last = {stat: recs.series(stat)[1][-1] for stat in ("loss", "accuracy", "test_accuracy", "test_loss")
             if recs.series(stat)[1]}
-    init = recs.at("grad_norm", 0)
+    init = recs.at("weight_grad_norm", 0)
     names = list(init)
     ratio = init[names[0]] / init[names[-1]] if len(names) > 1 and init[names[-1]] > 0 else float("nan")
     summary = {
