@@ -3,8 +3,11 @@
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
+
+torch.set_num_threads(1)  # tiny models: threads only fight the other test worker for the 2 cores
 
 from gradwatch.spec import Spec  # noqa: E402
 from gradwatch.store import Store  # noqa: E402
