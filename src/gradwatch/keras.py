@@ -1,0 +1,316 @@
+"""``GradWatch``: the seed notebook's weight-change check, and the true gradient norms, as a Keras callback.
+
+The seed measures a vanishing gradient by keeping the weights before ``fit`` and comparing them with
+the weights after it: ``(old - new) / lr`` and ``|100 (old - new) / old|``. GradWatch does exactly that
+once per epoch, for every layer with a kernel, since the start of ``fit``; adds per-layer weight norms;
+and, on a probe batch you pass, takes the gradient of the compiled loss itself, because under Adam the
+weight change says little about the gradient. Records carry the Keras layer names and the same
+statistic names as the PyTorch watcher (``stats.STATS``), so ``diagnose``, the Store and the report
+read a Keras fit exactly as they read a PyTorch run.
+
+Which backends give gradient norms (``GRADIENTS``): torch (autograd) and tensorflow (``GradientTape``,
+as Keras's own tensorflow ``train_step`` does). On jax and the others the callback records the weight
+change, weight norms and logs only, and its summary says so.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import torch
+
+from gradwatch.diagnose import THRESHOLDS, verdict
+from gradwatch.diagnose import diagnose as _diagnose
+from gradwatch.records import Records, Run
+from gradwatch.stats import STATS, Layout, percent_change, seed_gradient
+from gradwatch.store import Store
+
+PROBE_STATS = ("grad_norm", "grad_rms", "grad_mean_abs", "grad_max_abs", "nonfinite")  # over each layer's weights
+VANISHING = THRESHOLDS["vanishing_ratio"][0]
+TRACE = 4  # first-kernel weights traced per epoch, as train.py does (the seed's epoch-vs-weight plot)
+
+# optimizer class (or a base class of it) -> why its weight change does not track the gradient
+ADAPTIVE: dict[str, str] = {
+    "Adam": "divides each step by a running RMS of the gradient (Kingma & Ba 2015)",
+    "Nadam": "divides each step by a running RMS of the gradient, as Adam does",
+    "Adamax": "divides each step by a running maximum of |gradient|",
+    "RMSprop": "divides each step by a running RMS of the gradient (Tieleman & Hinton 2012)",
+    "Adagrad": "divides each step by the root of the summed squared gradients",
+    "Adadelta": "scales each step by a ratio of running RMS values, not by the gradient's size",
+    "Adafactor": "divides each step by a factored running RMS of the gradient",
+    "Lamb": "normalises Adam's step per layer",
+    "Lion": "takes the sign of the update, so each weight moves by exactly lr",
+}
+
+
+def _loss(model: keras.Model, probe):
+    """The compiled loss on the probe batch, in inference mode so batch norm and dropout keep their state."""
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(probe)
+    return model.compute_loss(x=x, y=y, y_pred=model(x, training=False), sample_weight=sample_weight)
+
+
+def _torch_gradients(model: keras.Model, variables: list, probe) -> list[torch.Tensor]:
+    """``torch.autograd.grad`` of the loss: leaves ``.grad`` untouched, so fit's own step is unaffected."""
+    params = [v.value for v in variables]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(_loss(model, probe), params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)]
+
+
+def _tensorflow_gradients(model: keras.Model, variables: list, probe) -> list[torch.Tensor]:
+    """``GradientTape`` as in Keras's tensorflow ``train_step``; each gradient copied to the host once."""
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        loss = _loss(model, probe)
+    grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return [torch.from_numpy(np.asarray(g)) for g in grads]
+
+
+# Keras backend -> fn(model, variables, probe) -> one gradient per variable, as torch tensors.
+# jax is left out (a gradient there needs a stateless re-run of the model under jax.grad); numpy and
+# openvino have no autodiff.
+GRADIENTS = {"torch": _torch_gradients, "tensorflow": _tensorflow_gradients}
+
+
+def _host(variable) -> torch.Tensor:
+    """A CPU copy of a Keras variable (torch.tensor copies, so the snapshot never aliases the weight)."""
+    return torch.tensor(keras.ops.convert_to_numpy(variable))
+
+
+def _number(value) -> float:
+    return float(keras.ops.convert_to_numpy(value))
+
+
+def _kernel_layers(model, prefix: str = "") -> list[tuple[str, keras.Layer, int]]:
+    """(name, layer, index of its kernel among its trainable weights) of every layer with a kernel.
+
+    Nested models are walked, their layers named ``outer/inner``; a layer whose kernel is frozen is left out.
+    """
+    out = []
+    for layer in model.layers:
+        name = prefix + layer.name
+        if getattr(layer, "layers", None):
+            out += _kernel_layers(layer, name + "/")
+            continue
+        kernels = [i for i, v in enumerate(layer.trainable_weights) if v.name == "kernel"]
+        if kernels:
+            out.append((name, layer, kernels[0]))
+    return out
+
+
+def _adaptive(optimizer) -> tuple[str, str] | None:
+    """(class name, reason) when the optimizer moves weights by about lr per step whatever the gradient."""
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer's wrapped one
+    for cls in type(optimizer).__mro__:
+        if cls.__name__ in ADAPTIVE:
+            return type(optimizer).__name__, ADAPTIVE[cls.__name__]
+    return None
+
+
+class GradWatch(keras.callbacks.Callback):
+    """Records per-layer weight change, weight norms and (on a probe batch) gradient norms during ``fit``.
+
+    ``probe`` is ``(x, y)`` or ``(x, y, sample_weight)``: a batch of your data on which the true gradient
+    is taken (without it, no gradient norms). ``every`` is the cadence in epochs; the last epoch is always
+    measured. ``verbose=1`` prints a plain-language summary when training ends. ``store`` (a Store or a
+    path) receives the run when training ends.
+
+    Examples:
+        >>> watch = gradwatch.keras.GradWatch(probe=(x_train[:256], y_train[:256]))
+        >>> model.fit(x_train, y_train, epochs=30, callbacks=[watch])
+        >>> watch.diagnose(); watch.frame(); gradwatch.Store().put_run(watch.run())
+    """
+
+    def __init__(self, probe=None, every: int = 1, verbose: int = 1, store: Store | str | Path | None = None,
+                 name: str = ""):
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"every: got {every}; allowed: >= 1")
+        self.probe, self.every, self.verbose, self.store, self.name = probe, every, verbose, store, name
+        self.records = Records()
+        self.status = "finished"
+        self._layers: list[tuple[str, keras.Layer, int]] = []
+        self._initial: list[torch.Tensor] = []
+        self._epoch, self._measured = -1, -1
+        self._layouts: dict[tuple[str, torch.device], Layout] = {}
+
+    # --- Keras events ---------------------------------------------------------------------------
+    def on_train_begin(self, logs=None):
+        self._layers, self._layouts = _kernel_layers(self.model), {}
+        self._epoch, self._measured = -1, -1
+        self._initial = [_host(layer.trainable_weights[k]) for _, layer, k in self._layers]
+        if self.probe is not None:
+            self._probe = keras.tree.map_structure(keras.ops.convert_to_tensor, self.probe)
+        self._measure_gradients(self._step(), 0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = self._step()
+        for stat, value in (logs or {}).items():
+            if isinstance(value, (int, float, np.number)) or getattr(value, "ndim", None) == 0:
+                self.records.add(step, epoch, stat, {"": _number(value)})
+        if not math.isfinite(_number((logs or {}).get("loss", 0.0))):
+            self.status = "diverged"
+        self._epoch = epoch
+        if (epoch + 1) % self.every == 0:
+            self._measure(step, epoch)
+
+    def on_train_end(self, logs=None):
+        if self._epoch != self._measured:  # the last epoch is always measured, early stopping included
+            self._measure(self._step(), self._epoch)
+        if self.verbose:
+            print(self.describe())
+        if self.store is not None:
+            store = self.store if isinstance(self.store, Store) else Store(self.store)
+            store.put_run(self.run())
+
+    # --- measures -------------------------------------------------------------------------------
+    def _step(self) -> int:
+        return int(_number(self.model.optimizer.iterations))
+
+    def _layout(self, what: str, groups: list[list[torch.Tensor]]) -> Layout:
+        key = (what, groups[0][0].device)
+        if key not in self._layouts:  # built once per device, as the watcher does
+            self._layouts[key] = Layout.of(groups)
+        return self._layouts[key]
+
+    def _measure(self, step: int, epoch: int) -> None:
+        self._measured = epoch
+        if not self._layers:
+            return
+        self._measure_weights(step, epoch)
+        self._measure_gradients(step, epoch)
+
+    def _measure_weights(self, step: int, epoch: int) -> None:
+        """The seed's two measures on each kernel since the start of fit, weight norms, a weight trace."""
+        names = [name for name, _, _ in self._layers]
+        weights = [[_host(v) for v in layer.trainable_weights] for _, layer, _ in self._layers]
+        kernels = [ws[k] for ws, (_, _, k) in zip(weights, self._layers, strict=True)]
+        lr = _number(self.model.optimizer.learning_rate)
+        pairs = list(zip(self._initial, kernels, strict=True))
+        measures = {
+            "seed_gradient": [seed_gradient(old, new, lr).abs().mean() for old, new in pairs],
+            "percent_change": [percent_change(old, new).nanmedian() for old, new in pairs],
+            "weight_norm": STATS["weight_norm"]([w for ws in weights for w in ws], self._layout("layers", weights)),
+        }
+        for stat, values in measures.items():
+            self.records.add(step, epoch, stat, dict(zip(names, values, strict=True)))
+        trace = kernels[0].flatten()[:TRACE].tolist()
+        self.records.add(step, epoch, "weight", {f"{names[0]}[{j}]": v for j, v in enumerate(trace)})
+
+    def _measure_gradients(self, step: int, epoch: int) -> None:
+        """Gradient statistics of the compiled loss on the probe batch: ``PROBE_STATS`` per layer, and
+        ``weight_grad_norm`` per kernel (biases left out, as train.py measures the first/last ratio)."""
+        gradients = GRADIENTS.get(keras.backend.backend())
+        if self.probe is None or gradients is None or not self._layers:
+            return
+        variables = [v for _, layer, _ in self._layers for v in layer.trainable_weights]
+        flat = gradients(self.model, variables, self._probe)
+        sizes = [len(layer.trainable_weights) for _, layer, _ in self._layers]
+        groups = [flat[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
+        layout = self._layout("layers", groups)
+        kernels = [[group[k]] for group, (_, _, k) in zip(groups, self._layers, strict=True)]
+        values = [STATS[stat](flat, layout) for stat in PROBE_STATS]
+        values.append(STATS["weight_grad_norm"]([k for [k] in kernels], self._layout("kernels", kernels)))
+        values = torch.stack(values).tolist()  # sync: once per measured epoch
+        names = [name for name, _, _ in self._layers]
+        for stat, row in zip((*PROBE_STATS, "weight_grad_norm"), values, strict=True):
+            self.records.add(step, epoch, stat, dict(zip(names, row, strict=True)))
+
+    # --- outputs --------------------------------------------------------------------------------
+    def frame(self):
+        """The records as a pandas DataFrame (columns run, step, epoch, layer, stat, value)."""
+        return self.records.to_pandas(self.name)
+
+    def diagnose(self):
+        """Findings for what was recorded so far; see :func:`gradwatch.diagnose`."""
+        return _diagnose(self.records)
+
+    def run(self) -> Run:
+        """The records and headline numbers as a :class:`Run`, ready for ``Store.put_run``."""
+        return Run(records=self.records, summary=self._summary(), status=self.status,
+                   name=self.name or (self.model.name if self.model is not None else ""))
+
+    def _summary(self) -> dict:
+        """The headline numbers under the keys ``train.summarize`` uses, where Keras has them."""
+        last = {stat: self.records.series(stat)[1][-1] for stat in ("loss", "accuracy", "val_loss", "val_accuracy")
+                if self.records.series(stat)[1]}
+        ratio = _ratio(self.records.at("weight_grad_norm"))
+        summary = {
+            "final_loss": last.get("loss"),
+            "train_accuracy": last.get("accuracy"),
+            "accuracy": last.get("val_accuracy"),
+            "test_loss": last.get("val_loss"),
+            "first_layer_grad": _first(self.records.last("seed_gradient")),
+            "first_layer_pct_change": _first(self.records.last("percent_change")),
+            "grad_ratio_first_last": ratio,
+            "steps": self._step() if self.model is not None else 0,
+        }
+        summary["verdict"] = verdict(ratio, self.status)
+        return summary
+
+    def describe(self) -> str:
+        """What the callback saw, in plain language: a per-layer table, the findings, and the Adam caveat."""
+        lines = [self._headline(), *self._table()]
+        start, now = _ratio(self.records.at("weight_grad_norm")), _ratio(self.records.last("weight_grad_norm"))
+        if math.isfinite(start):
+            lines.append(f"first/last kernel gradient norm: {start:.2g} at the start, {now:.2g} now "
+                         f"(below {VANISHING:g} the first layers barely learn: AUTOTRAINER's vanishing threshold)")
+        else:
+            lines.append(self._no_gradients())
+        findings = self.diagnose()
+        lines += ["findings:", *(textwrap.indent(str(f), "  ") for f in findings)] if findings else ["findings: none"]
+        note = self._adam_note(now)
+        return "\n".join(lines + ([note] if note else []))
+
+    def _headline(self) -> str:
+        optimizer = self.model.optimizer
+        _, losses = self.records.series("loss")
+        loss = f"; loss {losses[0]:.4g} -> {losses[-1]:.4g}" if losses else ""
+        return (f"GradWatch on {self.model.name}: {self._step()} steps, {type(optimizer).__name__} "
+                f"lr {_number(optimizer.learning_rate):.3g}{loss}")
+
+    def _table(self) -> list[str]:
+        cols = ("percent_change", "seed_gradient", "weight_norm", "weight_grad_norm")
+        last = {stat: self.records.last(stat) for stat in cols}
+        rows = [f"{'layer':<14}{'median % change':>17}{'mean |(old-new)/lr|':>21}{'weight norm':>13}"
+                f"{'kernel grad norm':>18}"]
+        for name, _, _ in self._layers:
+            cells = [last[stat].get(name, math.nan) for stat in cols]
+            rows.append(f"{name:<14}{cells[0]:>17.3g}{cells[1]:>21.3g}{cells[2]:>13.3g}{cells[3]:>18.3g}")
+        return rows
+
+    def _no_gradients(self) -> str:
+        backend = keras.backend.backend()
+        if backend not in GRADIENTS:
+            return (f"no gradient norms: the {backend} backend gives none here ({' and '.join(GRADIENTS)} do); "
+                    "the weight change above is all there is")
+        return "no gradient norms: pass GradWatch(probe=(x, y)) with a batch of your data to get them"
+
+    def _adam_note(self, ratio: float) -> str:
+        """Why the weight change misleads under an Adam-like optimizer, with this run's own numbers."""
+        adaptive = _adaptive(self.model.optimizer)
+        if adaptive is None or not self._layers:
+            return ""
+        name, reason = adaptive
+        first = self._layers[0][0]
+        moved = self.records.last("percent_change").get(first, math.nan)
+        evidence = (f" Here {first}'s weights moved a median {moved:.3g}% since the start of fit, although its "
+                    f"true gradient norm is only {ratio:.2g} times the last layer's." if ratio < VANISHING else "")
+        return (f"Why the weight change misleads here: {name} {reason}, so it moves every weight by about lr "
+                f"per step however small its gradient; (old - new) / lr then counts steps, not gradient."
+                f"{evidence} Read the gradient norms, not the weight change.")
+
+
+def _first(values: dict[str, float]) -> float | None:
+    return next(iter(values.values()), None)
+
+
+def _ratio(norms: dict[str, float]) -> float:
+    """First layer's gradient norm over the last layer's (nan when there are none)."""
+    values = list(norms.values())
+    return values[0] / values[-1] if len(values) > 1 and values[-1] > 0 else math.nan
