@@ -26,7 +26,7 @@ import torch
 from gradwatch.diagnose import THRESHOLDS, verdict
 from gradwatch.diagnose import diagnose as _diagnose
 from gradwatch.records import Records, Run
-from gradwatch.stats import STATS, Layout, percent_change, seed_gradient
+from gradwatch.stats import STATS, Layout, seed_measures
 from gradwatch.store import Store
 
 PROBE_STATS = ("grad_norm", "grad_rms", "grad_mean_abs", "grad_max_abs", "nonfinite")  # over each layer's weights
@@ -191,10 +191,10 @@ class GradWatch(keras.callbacks.Callback):
         weights = [[_host(v) for v in layer.trainable_weights] for _, layer, _ in self._layers]
         kernels = [ws[k] for ws, (_, _, k) in zip(weights, self._layers, strict=True)]
         lr = _number(self.model.optimizer.learning_rate)
-        pairs = list(zip(self._initial, kernels, strict=True))
+        grads, pcts = seed_measures(self._initial, kernels, lr)
         measures = {
-            "seed_gradient": [seed_gradient(old, new, lr).abs().mean() for old, new in pairs],
-            "percent_change": [percent_change(old, new).nanmedian() for old, new in pairs],
+            "seed_gradient": grads.tolist(),
+            "percent_change": pcts.tolist(),
             "weight_norm": STATS["weight_norm"]([w for ws in weights for w in ws], self._layout("layers", weights)),
         }
         for stat, values in measures.items():

@@ -112,6 +112,16 @@ def percent_change(old: Tensor, new: Tensor) -> Tensor:
     return (100 * (old - new) / old).abs()
 
 
+def seed_measures(old: list[Tensor], new: list[Tensor], learning_rate: float) -> tuple[Tensor, Tensor]:
+    """Per layer, the notebook's two summaries: mean |(old - new) / lr| and median % change, (L,) each.
+
+    The median is torch's (the lower middle value for an even count), NaN entries (old == 0) ignored.
+    """
+    pairs = list(zip(old, new, strict=True))
+    grads = torch.stack([seed_gradient(o, n, learning_rate).abs().mean() for o, n in pairs])
+    return grads, torch.stack([percent_change(o, n).nanmedian() for o, n in pairs])
+
+
 def _per_member(numel: Tensor, members: bool) -> Tensor:
     return numel[:, None] if members else numel
 

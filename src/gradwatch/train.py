@@ -19,7 +19,7 @@ from gradwatch.diagnose import verdict
 from gradwatch.nets import OUTPUTS, build
 from gradwatch.records import Run
 from gradwatch.spec import Spec
-from gradwatch.stats import STATS, Layout, percent_change, seed_gradient
+from gradwatch.stats import STATS, Layout, percent_change, seed_gradient, seed_measures
 from gradwatch.watch import watch
 
 TRACE = 4  # first-layer weights traced per epoch (the seed's epoch-vs-weight plot)
@@ -110,7 +110,8 @@ class Training:
         if any(g is None for g in grads):
             return
         norms = STATS["weight_grad_norm"](grads, self.dense_layout).tolist()  # sync: once per epoch
-        self.watcher.records.add(self.watcher.step, self.epochs_done, "weight_grad_norm", dict(zip(self.dense, norms)))
+        values = dict(zip(self.dense, norms, strict=True))
+        self.watcher.records.add(self.watcher.step, self.epochs_done, "weight_grad_norm", values)
 
     def finish(self) -> Run:
         """Detach the watcher and package the records and summary as a Run."""
@@ -168,8 +169,7 @@ def record_seed_measures(w, dense: dict, initial: dict, learning_rate: float, ep
     """
     with torch.no_grad():
         now = {n: p.detach() for n, p in dense.items()}
-        grads = torch.stack([seed_gradient(initial[n], now[n], learning_rate).abs().mean() for n in dense])
-        pcts = torch.stack([percent_change(initial[n], now[n]).nanmedian() for n in dense])
+        grads, pcts = seed_measures([initial[n] for n in dense], list(now.values()), learning_rate)
         first = next(iter(dense))
         values = torch.cat([grads, pcts, now[first].flatten()[:TRACE]]).tolist()  # sync: once per epoch
     k = len(dense)
