@@ -125,6 +125,23 @@ def diagnose_cmd(run: str = typer.Argument(..., help="run id, id prefix or name"
     console.print("\n".join(map(str, findings)) or "no findings: gradients look healthy")
 
 
+@app.command("report")
+def report_cmd(
+    refs: list[str] = typer.Argument(None, help="run ids, id prefixes or names (default: every stored run)"),
+    out: Path = typer.Option(Path("gradwatch-report"), "--out", help="folder for the HTML report and PNGs"),
+    group: str = typer.Option(None, help="only runs of this group"),
+    store: Path = STORE,
+) -> None:
+    """Write a self-contained HTML report (and PNGs) of stored runs."""
+    from gradwatch.report.html import write_report
+
+    db = _store(store)
+    chosen = [db.get(ref) for ref in refs] if refs else [db.get(r["id"]) for r in db.runs(group)]
+    if not chosen:
+        raise KeyError(f"group: got {group!r}; allowed: a group with stored runs (see `gradwatch runs`)")
+    console.print(f"report: {write_report(chosen, out, title=f'gradwatch report: {len(chosen)} run(s)').resolve()}")
+
+
 def _print_run(run, findings) -> None:
     console.print(f"[bold]{run.name or run.id}[/] ({run.id}, {run.status})")
     if run.spec:
