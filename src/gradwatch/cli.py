@@ -38,12 +38,15 @@ def progress() -> Progress:
 
 
 def print_rows(title: str, rows: list[dict]) -> None:
-    """A rich table of dict rows; floats in 3 significant digits."""
+    """A rich table of dict rows; floats in 3 significant digits; cells never cut, headers may wrap."""
+    cells = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
     table = Table(title=title)
-    for col in rows[0] if rows else []:
-        table.add_column(col, justify="left" if col in ("name", "verdict") else "right")
-    for row in rows:
-        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()))
+    for i, col in enumerate(rows[0] if rows else []):
+        numeric = isinstance(rows[0][col], float | int)
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=True,
+                         min_width=max(len(c[i]) for c in cells))
+    for row in cells:
+        table.add_row(*row)
     console.print(table)
 
 
@@ -104,7 +107,7 @@ def runs(store: Path = STORE, group: str = typer.Option(None, help="only runs of
     rows = [{"id": r["id"], "name": r["name"], "group": r["group"], "status": r["status"],
              "final_loss": r["summary"].get("final_loss") or float("nan"),
              "verdict": r["summary"].get("verdict", "")} for r in _store(store).runs(group)]
-    print_rows(f"{len(rows)} runs", rows) if rows else console.print("no runs stored yet")
+    print_rows(f"{len(rows)} run(s)", rows) if rows else console.print("no runs stored yet")
 
 
 @app.command()
