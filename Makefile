@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/gradwatch demo
 
 test: $(STAMP) browser
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 	KERAS_BACKEND=torch $(BIN)/python -m pytest -q -n 2 tests
 
 bench: $(STAMP)

@@ -171,7 +171,8 @@ class Watcher:
         """Copy pending statistics to the host in one transfer and append them to ``records``."""
         if not self._pending:
             return
-        flat = torch.cat([v for _, _, _, _, v in self._pending]).tolist()  # sync: the monitor's one host copy, once per `every` steps
+        # sync: the monitor's one host copy, once per `every` steps
+        flat = torch.cat([v for _, _, _, _, v in self._pending]).tolist()
         i = 0
         for step, epoch, stat, names, v in self._pending:
             self.records.add(step, epoch, stat, dict(zip(names, flat[i : i + v.numel()], strict=True)))
