@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from gradwatch.diagnose import RULES, THRESHOLDS, diagnose, verdict
+from gradwatch.diagnose import RULES, SENTENCES, THRESHOLDS, diagnose, verdict
 from gradwatch.records import Records
 from gradwatch.spec import Spec
 from gradwatch.train import train
@@ -47,7 +47,7 @@ def test_findings_carry_layers_evidence_and_ranked_remedies(runs):
     (dying,) = [f for f in diagnose(runs["dying_relu"].records) if f.kind == "dying_relu"]
     assert dying.remedies[0].name == "leaky_relu" and dying.evidence["dead_frac"] >= 0.7
     text = str(vanishing)
-    assert "vanishing" in text and "dense1" in text and "try: 1. relu_he" in text
+    assert "vanishing" in text and "dense1" in text and "try: 1. relu_he:" in text
 
 
 def _plateau_records(loss: float) -> Records:
@@ -87,6 +87,13 @@ def test_removing_a_rule_loses_its_finding(runs, kind, monkeypatch):
     assert kind in {f.kind for f in diagnose(source)}
     monkeypatch.delitem(RULES, kind)
     assert kind not in {f.kind for f in diagnose(source)}
+
+
+def test_every_rule_has_a_sentence_that_fills_from_its_evidence(runs):
+    assert set(SENTENCES) == set(RULES)
+    for run in runs.values():
+        for finding in diagnose(run.records):
+            assert "{" not in str(finding)
 
 
 def test_every_threshold_names_its_precedent():

@@ -125,7 +125,7 @@ def diagnose_cmd(run: str = typer.Argument(..., help="run id, id prefix or name"
     from gradwatch.diagnose import diagnose
 
     findings = diagnose(_store(store).get(run).records)
-    console.print("\n".join(map(str, findings)) or "no findings: gradients look healthy")
+    print_findings(findings)
 
 
 @app.command("report")
@@ -145,6 +145,12 @@ def report_cmd(
     console.print(f"report: {write_report(chosen, out, title=f'gradwatch report: {len(chosen)} run(s)').resolve()}")
 
 
+def print_findings(findings) -> None:
+    """Findings in plain words (printed as text: their brackets and numbers are not rich markup)."""
+    console.print("\n".join(map(str, findings)) or "no findings: gradients look healthy", markup=False,
+                  highlight=False)
+
+
 def _print_run(run, findings) -> None:
     console.print(f"[bold]{run.name or run.id}[/] ({run.id}, {run.status})")
     if run.spec:
@@ -155,7 +161,7 @@ def _print_run(run, findings) -> None:
     if first:
         print_rows("gradient norm per layer at the first step",
                    [{"layer": k, "grad_norm": v} for k, v in first.items()])
-    console.print("\n".join(map(str, findings)) or "no findings: gradients look healthy")
+    print_findings(findings)
 
 
 def main() -> None:

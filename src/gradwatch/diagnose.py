@@ -19,7 +19,9 @@ THRESHOLDS: dict[str, tuple[float, str]] = {
     "vanishing_ratio": (1e-3, "AUTOTRAINER (ICSE 2021): ||g_first||/||g_last|| < 1e-3; we use the median over steps"),
     "vanishing_abs": (1e-4, "AUTOTRAINER: ||g_first|| < 1e-4 as well; SageMaker Debugger flags mean |g| < 1e-7"),
     "exploding_ratio": (70.0, "AUTOTRAINER: ||g_first||/||g_last|| > 70"),
-    "exploding_growth": (1e3, "ours: a layer's gradient norm grows 1000x from its first record (Pascanu 2013)"),
+    "exploding_growth": (
+        1e3, "ours: a layer's median gradient norm in the last tenth of steps is 1000x the first tenth's (Pascanu 2013)"
+    ),
     "saturated_frac": (0.5, "ours: half of a sigmoid/tanh layer's outputs within 1% of a bound; Glorot 2010"),
     "dead_frac": (0.7, "AUTOTRAINER: dying ReLU when >= 70% of gradients are zero; we count dead units"),
     "plateau_change": (0.01, "the seed: loss changing < 1% over the window; Keras ReduceLROnPlateau-style"),
@@ -49,16 +51,31 @@ class Finding:
     remedies: list[Remedy] = field(default_factory=list)
 
     def __str__(self) -> str:
-        where = _span(self.layers)
-        numbers = ", ".join(f"{k} {v:.3g}" for k, v in self.evidence.items())
-        tries = "; ".join(f"{i}. {r.name} ({r.reason})" for i, r in enumerate(self.remedies, 1))
-        return f"{self.kind} [{self.severity}] {where}: {numbers}" + (f"\n  try: {tries}" if tries else "")
+        sentence = SENTENCES[self.kind].format(**self.evidence)
+        if self.kind == "plateau" and abs(self.evidence["loss"] - math.log(2)) < 0.01:
+            sentence += " = ln 2, what guessing 50/50 scores"
+        tries = "\n       ".join(f"{i}. {r.name}: {r.reason}" for i, r in enumerate(self.remedies, 1))
+        return f"{self.kind} ({self.severity}) in {_span(self.layers)}: {sentence}" + (
+            f"\n  try: {tries}" if tries else "")
+
+
+# kind -> the plain-language sentence, filled from the finding's evidence
+SENTENCES = {
+    "vanishing": "the first layer's gradient is {grad_ratio_first_last:.1e} of the last layer's "
+    "({first_grad_norm:.1e} vs {last_grad_norm:.2g})",
+    "exploding": "the first layer's gradient is {grad_ratio_first_last:.3g}x the last layer's; "
+    "a layer's typical gradient grew up to {max_growth:.3g}x during training",
+    "saturation": "up to {saturated_frac:.0%} of sigmoid/tanh outputs sit within 1% of a bound, where the slope is ~0",
+    "dying_relu": "up to {dead_frac:.0%} of ReLU units output 0 for every example, so they get no gradient",
+    "plateau": "the loss moved {relative_change:.2%} over the last {epochs:.0f} epochs and sits at {loss:.3f}",
+    "non_finite": "NaN/Inf appeared at step {first_step:.0f}",
+}
 
 
 def _span(layers: list[str]) -> str:
     if not layers:
         return "whole model"
-    return f"layers {layers[0]}-{layers[-1]}" if len(layers) > 2 else "layers " + ", ".join(layers)
+    return f"{layers[0]}-{layers[-1]}" if len(layers) > 2 else ", ".join(layers)
 
 
 # the seed lesson's fixes, in the words a report prints
@@ -130,8 +147,10 @@ def exploding(records: Records) -> list[Finding]:
     for layer in names:
         _, series = records.series("grad_norm", layer)
         finite = [v for v in series if math.isfinite(v)]
-        if len(finite) > 1 and finite[0] > 0:
-            growth[layer] = max(finite) / finite[0]
+        tenth = max(1, len(finite) // 10)
+        if len(finite) >= 2 * tenth and statistics.median(finite[:tenth]) > 0:
+            # medians of the first and last tenth: one spike is not a trend
+            growth[layer] = statistics.median(finite[-tenth:]) / statistics.median(finite[:tenth])
     grown = [n for n, g in growth.items() if g > _t("exploding_growth")]
     if ratio <= _t("exploding_ratio") and not grown:
         return []
