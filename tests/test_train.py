@@ -86,3 +86,10 @@ def test_boundary_grid_covers_the_data(small_spec):
     run = train(small_spec)
     grid = run.summary["boundary"]
     assert len(grid["p"]) == len(grid["y"]) == 50 and all(0 <= p <= 1 for p in grid["p"][0])
+
+
+def test_stop_loss_ends_training_once_reached():
+    spec = Spec().replace(**{"model.activation": "relu", "model.depth": 3, "train.learning_rate": 0.01,
+                             "train.epochs": 200, "train.stop_loss": 0.3})
+    losses = train(spec).records.series("loss")[1]
+    assert losses[-1] <= 0.3 and all(v > 0.3 for v in losses[:-1]) and len(losses) < 200

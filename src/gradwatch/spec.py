@@ -65,6 +65,7 @@ class TrainSpec(_Frozen):
     batch_size: int = Field(32, ge=1, le=100_000)
     clip_norm: float | None = Field(None, gt=0.0)
     clip_value: float | None = Field(None, gt=0.0)
+    stop_loss: float | None = Field(None, gt=0.0, description="stop once an epoch's loss is at or below this")
     seed: int = Field(0, ge=0)
 
 

@@ -69,11 +69,14 @@ class Training:
         self.dense = _dense_weights(self.model)
         self.initial = {n: p.detach().clone() for n, p in self.dense.items()}
         self.dense_layout = Layout.of([[p] for p in self.dense.values()])
-        self.epochs_done, self.status = 0, "finished"
+        self.epochs_done, self.status, self.last_loss = 0, "finished", float("inf")
 
     @property
     def done(self) -> bool:
-        return self.status == "diverged" or self.epochs_done >= self.spec.train.epochs
+        """Diverged, out of epochs, or at ``train.stop_loss`` (Keras EarlyStopping's ``baseline``, inverted)."""
+        stop = self.spec.train.stop_loss
+        return (self.status == "diverged" or self.epochs_done >= self.spec.train.epochs
+                or (stop is not None and self.last_loss <= stop))
 
     def epoch(self) -> dict[str, float]:
         """Train one epoch; NaN/Inf marks the run ``diverged`` (a finding, never an exception)."""
@@ -96,6 +99,7 @@ class Training:
         w.log(epoch=self.epochs_done, **scalars)
         record_seed_measures(w, self.dense, self.initial, spec.train.learning_rate, self.epochs_done)
         self.epochs_done += 1
+        self.last_loss = scalars["loss"]
         if not math.isfinite(scalars["loss"]):
             self.status = "diverged"
         return scalars

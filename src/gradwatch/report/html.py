@@ -56,17 +56,19 @@ class Page:
 
     def figure(self, name: str, runs: list[Run], stem: str = "") -> int:
         """Draw ``FIGURES[name]`` with its caption as the next numbered figure; returns its number."""
+        return self.image(FIGURES[name](runs), CAPTIONS[name](runs), stem or name)
+
+    def image(self, fig, caption: str, stem: str) -> int:
+        """Any matplotlib Figure with its caption as the next numbered figure; returns its number."""
         self.count += 1
-        fig = FIGURES[name](runs)
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=DPI)
         png = buffer.getvalue()
         if self.out_dir is not None:
-            (self.out_dir / f"fig{self.count:02d}_{stem or name}.png").write_bytes(png)
+            (self.out_dir / f"fig{self.count:02d}_{stem}.png").write_bytes(png)
         src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-        caption = html.escape(CAPTIONS[name](runs))
-        self.parts.append(f'<figure id="fig{self.count}"><img alt="{name}" src="{src}">'
-                          f"<figcaption><b>Figure {self.count}.</b> {caption}</figcaption></figure>")
+        self.parts.append(f'<figure id="fig{self.count}"><img alt="{html.escape(stem)}" src="{src}">'
+                          f"<figcaption><b>Figure {self.count}.</b> {html.escape(caption)}</figcaption></figure>")
         return self.count
 
     def body(self) -> str:
