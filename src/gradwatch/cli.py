@@ -145,10 +145,53 @@ def report_cmd(
     console.print(f"report: {write_report(chosen, out, title=f'gradwatch report: {len(chosen)} run(s)').resolve()}")
 
 
+@app.command()
+def serve(host: str = typer.Option("127.0.0.1", help="address to bind (127.0.0.1: this machine only)"),
+          port: int = typer.Option(8000, min=1, max=65535), store: Path = STORE) -> None:
+    """Open the playground: train a net in the browser and watch its gradients live."""
+    import os
+
+    import uvicorn
+
+    if store:
+        os.environ["GRADWATCH_STORE"] = str(store)  # where the page's Save puts runs
+    console.print(f"gradwatch playground: http://{host}:{port}/  (Ctrl+C stops it)")
+    uvicorn.run("gradwatch.web.app:create_app", factory=True, host=host, port=port, log_level="warning")
+
+
 def print_findings(findings) -> None:
     """Findings in plain words (printed as text: their brackets and numbers are not rich markup)."""
     console.print("\n".join(map(str, findings)) or "no findings: gradients look healthy", markup=False,
                   highlight=False)
+
+
+@app.command()
+def study(
+    name: str = typer.Argument(..., help="all, depth, dying-relu, sequences, exploding, output-activation, "
+                               "width-vs-depth or relu-he"),
+    out: Path = typer.Option(Path("gradwatch-study"), "--out", help="folder for the HTML report and PNGs"),
+    quick: bool = typer.Option(False, help="tiny budgets: checks the machinery in seconds, proves nothing"),
+    workers: int = typer.Option(None, min=1, help="worker processes (default: one per core)"),
+    store: Path = STORE,
+) -> None:
+    """Run a built-in study (or all of them): tables, conclusions computed from data, an HTML report."""
+    from gradwatch.studies import STUDIES, run_study
+    from gradwatch.studies.all import run_all, write_page
+
+    if name != "all" and name not in STUDIES:
+        raise SpecError(f"study: got {name!r}; allowed: all, {', '.join(STUDIES)}")
+    with progress() as bar:
+        task = bar.add_task(f"study {name}", total=None, rate="")
+        tick = lambda run: bar.update(task, advance=1)  # noqa: E731
+        db = _store(store)
+        if name == "all":
+            results, page = run_all(db, out, workers, quick, tick)
+        else:
+            results, page = [run_study(name, db, workers, quick, tick)], None
+    for result in results:
+        print_rows(result.title, result.rows)
+        console.print(result.conclusion, markup=False)
+    console.print(f"report: {(page or write_page(results, out)).resolve()}")
 
 
 def _print_run(run, findings) -> None:
