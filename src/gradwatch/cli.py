@@ -20,7 +20,7 @@ from gradwatch.spec import SpecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="See, diagnose and fix vanishing and exploding gradients.")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs get whole tables
 errors = Console(stderr=True, soft_wrap=True)
 STORE = typer.Option(None, "--store", help="SQLite run store (default ./gradwatch-runs/runs.db or $GRADWATCH_STORE)")
 
@@ -43,7 +43,7 @@ def print_rows(title: str, rows: list[dict]) -> None:
     table = Table(title=title)
     for i, col in enumerate(rows[0] if rows else []):
         numeric = isinstance(rows[0][col], float | int)
-        table.add_column(col, justify="right" if numeric else "left", no_wrap=True,
+        table.add_column(col, justify="right" if numeric else "left", overflow="fold",
                          min_width=max(len(c[i]) for c in cells))
     for row in cells:
         table.add_row(*row)

@@ -30,8 +30,8 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 
 # activations whose outputs pile up at a bound when saturated: (low, high)
 SATURATING = {"Sigmoid": (0.0, 1.0), "Tanh": (-1.0, 1.0)}
-# activations whose units can die (output exactly 0 for every input)
-RECTIFIERS = ("ReLU", "ReLU6")
+# the ReLU family: units counted dead when their output is exactly 0 for every input (only ReLU can die)
+RECTIFIERS = ("ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU")
 
 
 def _default(w: torch.Tensor) -> None:
@@ -136,6 +136,9 @@ class Recurrent(nn.Module):
                 INITS[spec.init](self.cell.weight_ih)
                 INITS[spec.init](self.cell.weight_hh)
             self.cell.weight_hh.mul_(spec.init_gain)
+            if spec.kind == "lstm":  # forget-gate bias 1: remember by default (Jozefowicz et al. 2015)
+                for bias in (self.cell.bias_ih, self.cell.bias_hh):
+                    bias[spec.width : 2 * spec.width] = 0.5
         self.out = nn.Linear(spec.width, n_out)
         self.keep_states = False
         self.states: list[torch.Tensor] = []

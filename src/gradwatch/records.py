@@ -57,6 +57,13 @@ class Records:
         rows = [r for r in self.rows if r[3] == stat]
         return self.at(stat, rows[-1][0]) if rows else {}
 
+    def thin(self, every: int, stats: tuple[str, ...] = ("grad_norm", "grad_rms")) -> Records:
+        """A copy keeping ``stats`` (the per-step ones) only on steps that are multiples of ``every``.
+
+        Sweeps and studies store hundreds of runs; the per-step gradient norms are most of their rows.
+        """
+        return Records(r for r in self.rows if r[3] not in stats or r[0] % every == 0)
+
     def to_pandas(self, run: str = ""):
         """The long table as a DataFrame with a ``run`` column, ready for ``pivot_table``."""
         import pandas as pd

@@ -81,14 +81,19 @@ class Training:
     def epoch(self) -> dict[str, float]:
         """Train one epoch; NaN/Inf marks the run ``diverged`` (a finding, never an exception)."""
         spec, data, model, w = self.spec, self.data, self.model, self.watcher
+        w.epoch = self.epochs_done  # the steps of this epoch are tagged with it, not with the last log()'s
         model.train()
         losses, totals = [], []
         for batch in torch.randperm(len(data.x_train), generator=self.order).split(spec.train.batch_size):
             self.optimizer.zero_grad()
+            first = not losses
+            if first and hasattr(model, "keep_states"):
+                model.keep_states = True  # one batch per epoch keeps h_t for dL/dh_t
             loss = self.loss_fn(model(data.x_train[batch]), data.y_train[batch])
             loss.backward()
-            if not losses:
+            if first:
                 self._record_weight_grads()
+                self._record_state_grads()
             totals.append(clip_(spec, model.parameters()))
             self.optimizer.step()
             losses.append(loss.detach())
@@ -116,6 +121,20 @@ class Training:
         norms = STATS["weight_grad_norm"](grads, self.dense_layout).tolist()  # sync: once per epoch
         values = dict(zip(self.dense, norms, strict=True))
         self.watcher.records.add(self.watcher.step, self.epochs_done, "weight_grad_norm", values)
+
+    def _record_state_grads(self) -> None:
+        """dL/dh_t norm at every time step t of a recurrent net (layers ``t0`` .. ``t<T-1>``).
+
+        The temporal gradient-flow picture of Pascanu et al. (2013): how much of the loss's signal
+        reaches each earlier step.
+        """
+        states = getattr(self.model, "states", None)
+        if not states or states[0].grad is None:
+            return
+        norms = torch.stack([h.grad.norm() for h in states]).tolist()  # sync: once per epoch
+        self.model.keep_states, self.model.states = False, []
+        values = {f"t{t}": v for t, v in enumerate(norms)}
+        self.watcher.records.add(self.watcher.step, self.epochs_done, "state_grad_norm", values)
 
     def finish(self) -> Run:
         """Detach the watcher and package the records and summary as a Run."""

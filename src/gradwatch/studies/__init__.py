@@ -1,1 +1,98 @@
-"""STUDIES: curated experiments; each module gives ``jobs()`` and ``summarize(runs)``, no training code."""
+"""STUDIES: curated experiments that prove each remedy with a number, and answer the seeds' questions.
+
+A study is a module with ``TITLE``, ``next_jobs(runs) -> [(name, group, spec)]`` (called until it
+returns nothing, so a study can stage its runs, e.g. stop deepening a remedy once it fails) and
+``summarize(runs) -> Result``. Studies hold no training code: ``run_study`` trains their jobs through
+the sweep runner, stores each Run as it finishes, and reuses stored runs on a re-run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import import_module
+
+from gradwatch.records import Run
+from gradwatch.store import Store
+from gradwatch.sweep import run_each
+
+
+@dataclass
+class Result:
+    """What a study found: a table, a conclusion computed from it, and captioned figures."""
+
+    title: str
+    rows: list[dict]
+    conclusion: str
+    figures: list[tuple[object, str, str]] = field(default_factory=list)  # (Figure, caption, stem)
+
+
+THIN = 10  # per-step gradient norms kept every 10th step: hundreds of runs stay a few MB each study
+
+# name -> module under gradwatch.studies; each has a test on a tiny budget
+STUDIES = {
+    "depth": "depth",
+    "dying-relu": "dying_relu",
+    "sequences": "sequences",
+    "exploding": "exploding",
+    "output-activation": "output_activation",
+    "width-vs-depth": "width_vs_depth",
+    "relu-he": "relu_he",
+}
+
+
+def module(name: str):
+    return import_module(f"gradwatch.studies.{STUDIES[name]}")
+
+
+def run_study(name: str, store: Store, workers: int | None = None, quick: bool = False,
+              on_run: Callable[[Run], None] | None = None) -> Result:
+    """Train (or reuse from ``store``) every run of study ``name`` and summarize them.
+
+    ``quick`` shrinks every budget (fewer epochs, seeds and sizes) so tests can run the machinery.
+    """
+    study, group = module(name), f"study:{name}" + (":quick" if quick else "")
+    stored = {head["key"]: head["id"] for head in store.runs(group)}
+    runs: list[Run] = []
+    while jobs := [(n, group, spec) for n, _, spec in study.next_jobs(runs, quick)]:
+        fresh = []
+        for job in jobs:
+            if job[2].key() in stored:
+                runs.append(store.get(stored[job[2].key()]))
+            else:
+                fresh.append(job)
+
+        def done(run: Run) -> None:
+            run.records = run.records.thin(THIN)
+            store.put_run(run)
+            runs.append(run)
+            if on_run:
+                on_run(run)
+
+        run_each(fresh, done, workers)
+    return study.summarize(runs)
+
+
+def by_name(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by name (one name per study arm, one run per seed), in first-seen order."""
+    out: dict[str, list[Run]] = {}
+    for run in runs:
+        out.setdefault(run.name, []).append(run)
+    return out
+
+
+def median(runs: list[Run], value: Callable[[Run], float]) -> float:
+    """Median over seeds of ``value(run)``, ignoring runs where it is missing."""
+    import statistics
+
+    values = [v for v in map(value, runs) if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def arms(specs: dict[str, dict], seeds: int, base: dict, quick: bool, quick_base: dict) -> list:
+    """One job per arm and seed: ``base`` (plus ``quick_base`` when quick) updated by the arm's overrides."""
+    from gradwatch.spec import Spec
+
+    quick_base = quick_base if quick else {}
+    return [(name, "", Spec().replace(**{**base, **over, **quick_base, "train.seed": s}))
+            for name, over in specs.items() for s in range(2 if quick else seeds)]

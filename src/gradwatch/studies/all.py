@@ -1,0 +1,45 @@
+"""``gradwatch study all``: the demo's cases and every study, in one HTML report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from gradwatch.records import Run
+from gradwatch.report.html import Page
+from gradwatch.store import Store
+from gradwatch.studies import STUDIES, Result, demo, run_study
+from gradwatch.sweep import run_each
+
+
+def write_page(results: list[Result], out_dir: Path, demo_runs: list[Run] = ()) -> Path:
+    """One page: the demo's table and key figures (if given), then each study's table, conclusion, figures."""
+    page = Page("Every remedy, measured: gradwatch studies", Path(out_dir))
+    if demo_runs:
+        page.text("The seed experiment and its remedies ladder", "h2")
+        page.table(demo.summarize(list(demo_runs)))
+        for name in ("loss_curves", "gradient_flow", "seed_vs_true"):
+            page.figure(name, list(demo_runs))
+    for result in results:
+        page.text(result.title, "h2")
+        page.table(result.rows)
+        page.text("Conclusion (computed from the table): " + result.conclusion)
+        for fig, caption, stem in result.figures:
+            page.image(fig, caption, stem)
+    return page.write()
+
+
+def run_all(store: Store, out_dir: Path, workers: int | None = None, quick: bool = False,
+            on_run: Callable[[Run], None] | None = None) -> tuple[list[Result], Path]:
+    """Train the demo's cases and every study (reusing stored runs), then write the report."""
+    demo_runs: list[Run] = []
+
+    def keep(run: Run) -> None:
+        store.put_run(run)
+        demo_runs.append(run)
+        if on_run:
+            on_run(run)
+
+    run_each(demo.jobs(epochs=3 if quick else None, seeds=(0,) if quick else demo.SEEDS), keep, workers)
+    results = [run_study(name, store, workers, quick, on_run) for name in STUDIES]
+    return results, write_page(results, out_dir, demo_runs)
