@@ -67,6 +67,14 @@ def test_malformed_bodies_are_400(client):
     assert res.status_code == 400 and res.json()["detail"].startswith("body: got list")
 
 
+def test_a_run_is_bounded_in_steps_not_only_field_by_field(client):
+    huge = {"data.n_samples": 2000, "train.batch_size": 1, "train.epochs": 2000}  # each within its own limit
+    res = client.post("/api/sessions", json=huge)
+    assert res.status_code == 422
+    assert res.json()["detail"].startswith("train.epochs: got 2000; allowed: <= 12 with 1600 training samples")
+    assert client.post("/api/sessions", json={"train.epochs": 2000}).status_code == 201  # the seed's net: 7 steps
+
+
 def test_options_offer_every_activation_of_the_spec(client):
     from typing import get_args
 

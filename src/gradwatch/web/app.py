@@ -10,6 +10,7 @@ Sessions that nobody polls for ``idle_s`` seconds are reaped, like a closed tab'
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -36,6 +37,8 @@ LIMITS: dict[str, tuple[float, float]] = {
     "data.n_samples": (8, 2000),
     "train.batch_size": (1, 2000),
 }
+# optimizer steps one run may take: ~100 record rows a step at depth 30 keeps a run's rows under ~250 MB
+MAX_STEPS = 20_000
 # dotted field -> the values the playground offers (the 2-D data sets, the MLP)
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("moons", "circles", "spirals", "xor"),
@@ -66,6 +69,12 @@ def check(settings: object) -> Spec:
         value = attrgetter(field)(spec)  # attrgetter follows dots: spec.model.depth
         if value not in allowed:
             raise HTTPError(422, f"{field}: got {value!r}; allowed: {', '.join(allowed)}")
+    data, train = spec.data, spec.train
+    n_train = data.n_samples - math.ceil(data.n_samples * data.test_size)  # what train_test_split keeps
+    per_epoch = math.ceil(max(1, n_train) / train.batch_size)
+    if train.epochs * per_epoch > MAX_STEPS:  # each bound alone admits millions of steps, and their rows
+        raise HTTPError(422, f"train.epochs: got {train.epochs}; allowed: <= {MAX_STEPS // per_epoch} with {n_train} "
+                        f"training samples in batches of {train.batch_size} (at most {MAX_STEPS} steps a run)")
     return spec
 
 
