@@ -18,12 +18,11 @@ import statistics
 import torch
 from matplotlib.figure import Figure
 
-from gradwatch.nets import OUTPUTS, build
+from gradwatch.nets import build
 from gradwatch.records import Run
 from gradwatch.spec import Spec
 from gradwatch.studies import Result
 from gradwatch.theory import spectral_norm
-from gradwatch.train import Training
 
 TITLE = "Sequences: the length at which a plain RNN, an LSTM and a GRU stop learning"
 CHANCE = {"adding": 1 / 6, "recall": math.log(2)}  # MSE of predicting the mean; BCE of p = 0.5
@@ -41,7 +40,6 @@ TASKS: dict[str, dict] = {
 }
 SEEDS = {"adding": 5, "recall": 3}
 QUICK = {"lengths": (4, 8), "seeds": 2, "base": {"model.width": 8, "data.n_samples": 64, "train.epochs": 2}}
-PROBE = 100  # test sequences in the probe batch of the temporal picture
 
 
 def spec(task: str, kind: str, length: int, seed: int = 0, quick: bool = False) -> Spec:
@@ -151,39 +149,30 @@ def conclude(rows: list[dict], separating: int | None) -> str:
     return "; ".join(parts) + f". Within this budget, {verdict}."
 
 
-def state_grads(model: torch.nn.Module, run_spec: Spec, x: torch.Tensor, y: torch.Tensor) -> list[float]:
-    """||dL/dh_t|| for t = 1..T on (x, y), read from a fresh copy of ``model`` (its hooks stay untouched)."""
-    probe = build(run_spec.model, x.shape[-1], y.shape[-1])
-    probe.load_state_dict(model.state_dict())
-    probe.keep_states = True
-    loss_fn = OUTPUTS[run_spec.model.output_activation][0]
-    loss_fn(probe(x), y).backward()
-    return [h.grad.norm().item() for h in probe.states]  # sync: a probe, once at init and once at the end
+def trace(run: Run, when: str) -> list[float]:
+    """||dL/dh_t|| for t = 1..T on the first batch of the first (``init``) or last (``trained``) epoch."""
+    rows = [r for r in run.records.rows if r[3] == "state_grad_norm"]
+    if not rows:
+        return []
+    epoch = rows[0][1] if when == "init" else rows[-1][1]
+    return [r[4] for r in rows if r[1] == epoch]
 
 
-def flow(run_spec: Spec) -> dict:
-    """Train ``run_spec`` and read ||dL/dh_t|| on the first PROBE test sequences at init and at the end."""
-    training = Training(run_spec)
-    x, y = training.data.x_test[:PROBE], training.data.y_test[:PROBE]
-    weight_norm = spectral_norm(training.model.cell.weight_hh) if run_spec.model.kind == "rnn" else math.nan
-    init = state_grads(training.model, run_spec, x, y)
-    while not training.done:
-        training.epoch()
-    return {"init": init, "trained": state_grads(training.model, run_spec, x, y), "w_hh_norm": weight_norm,
-            "status": training.status}
+def w_hh_norm(run: Run) -> float:
+    """Spectral norm of the run's recurrent matrix at init, rebuilt from its spec and seed as training did."""
+    spec = Spec.model_validate(run.spec)
+    torch.manual_seed(spec.train.seed)
+    model = build(spec.model, 1 if spec.data.name == "recall" else 2, 1)
+    return spectral_norm(model.cell.weight_hh)
 
 
-def flows(runs: list[Run]) -> tuple[int, dict[str, dict]]:
-    """The temporal picture for each cell on adding at the separating length (else the RNN's longest).
-
-    Each cell's run is seed 0's spec of that length, so "after training" is the stored run's end state.
-    """
-    adding = [r for r in runs if r.name.startswith("adding/")]
-    if not adding:
-        return 0, {}
-    length = contrast(runs) or max(_length(r) for r in adding if r.name == "adding/rnn")
-    ref = Spec.model_validate(next(r for r in adding if _length(r) == length).spec)
-    return length, {kind: flow(ref.replace(**{"model.kind": kind, "train.seed": 0})) for kind in KINDS}
+def flows(runs: list[Run]) -> tuple[int, dict[str, Run]]:
+    """Seed 0 of each cell on adding at the separating length (else the longest one the RNN ran)."""
+    adding = [r for r in runs if r.name.startswith("adding/") and r.spec["train"]["seed"] == 0]
+    rnn = [_length(r) for r in adding if r.name == "adding/rnn"]
+    length = contrast(runs) or max(rnn, default=0)
+    chosen = {r.name.split("/")[1]: r for r in adding if _length(r) == length and trace(r, "init")}
+    return length, {kind: chosen[kind] for kind in KINDS if kind in chosen}
 
 
 def summarize(runs: list[Run]) -> Result:
@@ -219,13 +208,14 @@ def _reach_caption(rows: list[dict]) -> str:
             f"is not tried at longer lengths once most of its seeds sit at chance. {reach}.")
 
 
-def _flow_figure(traces: dict[str, dict], length: int) -> Figure:
+def _flow_figure(chosen: dict[str, Run], length: int) -> Figure:
     fig = Figure(figsize=(9.5, 3.4), layout="constrained")
     for ax, when in zip(fig.subplots(1, 2, sharey=True), ("init", "trained"), strict=True):
-        for i, (kind, trace) in enumerate(traces.items()):
-            ax.plot(range(1, len(trace[when]) + 1), trace[when], color=f"C{i}", label=kind)
+        for kind, run in chosen.items():
+            values = trace(run, when)
+            ax.plot(range(1, len(values) + 1), values, color=f"C{KINDS.index(kind)}", label=kind)
         ax.set(yscale="log", xlabel="time step t", title=f"adding, T={length}: {when}")
-    fig.axes[0].set_ylabel("||dL/dh_t|| on a probe batch")
+    fig.axes[0].set_ylabel("||dL/dh_t|| (first batch of the epoch)")
     fig.axes[-1].legend(fontsize=8)
     return fig
 
@@ -236,13 +226,23 @@ def decay(trace: list[float]) -> float:
     return (first / last) ** (1 / (len(trace) - 1)) if len(trace) > 1 and first > 0 and last > 0 else math.nan
 
 
-def _flow_caption(traces: dict[str, dict], length: int) -> str:
-    parts = [f"{kind}: first/last {t['init'][0] / t['init'][-1]:.1e} at init, "
-             f"{t['trained'][0] / t['trained'][-1]:.1e} after training" for kind, t in traces.items()]
-    rnn = traces.get("rnn")
-    bound = (f" The RNN's recurrent matrix has spectral norm {rnn['w_hh_norm']:.2f} at init, so tanh' < 1 is what "
-             f"shrinks its gradient: {decay(rnn['init']):.3f} per step on average." if rnn else "")
-    return (f"The gradient of the loss with respect to the hidden state at every step of a T={length} adding "
-            f"sequence (seed 0, {PROBE} probe sequences), at initialisation (left) and after training (right); "
-            "the loss reads only the last state, so the curve shows how much of it reaches back to step t. "
-            + "; ".join(parts) + "." + bound)
+def _flow_caption(chosen: dict[str, Run], length: int) -> str:
+    if not chosen:
+        return "No adding runs recorded dL/dh_t, so there is no temporal picture to draw."
+    parts = [f"{kind}: back at t=1 {_share(trace(run, 'init')):.1e} of the last step's gradient at init, "
+             f"{_share(trace(run, 'trained')):.1e} after training" for kind, run in chosen.items()]
+    text = (f"The norm of the gradient of the loss with respect to the hidden state h_t at every step of T={length} "
+            "adding sequences (seed 0, first batch of the first and of the last epoch); the loss reads only the "
+            "last state, so each curve shows how much of the error signal reaches back to step t. "
+            + "; ".join(parts) + ".")
+    if "rnn" in chosen:
+        norm, factor = w_hh_norm(chosen["rnn"]), decay(trace(chosen["rnn"], "init"))
+        why = (f"so the matrix alone could stretch the gradient by up to {norm:.2f} per step and it is tanh' < 1 that "
+               "shrinks it" if norm >= 1 else "below 1, so the gradient must shrink by at least that factor per step")
+        text += (f" The RNN's recurrent matrix has spectral norm {norm:.2f} at init (Pascanu et al. 2013's bound), "
+                 f"{why}; measured, each step back multiplies it by {factor:.3f} on average.")
+    return text
+
+
+def _share(values: list[float]) -> float:
+    return values[0] / values[-1] if values and values[-1] > 0 else math.nan
