@@ -94,7 +94,12 @@ def options() -> dict:
     }
 
 
-def create_app(store_path: str | Path | None = None, max_sessions: int = 16, idle_s: float = 60.0,
+# seconds without a poll before a session is reaped: Chrome wakes a tab hidden for 5 minutes once a
+# minute ("intensive wake up throttling"), so a minute would reap the run of a teacher who switched to slides
+IDLE_S = 300.0
+
+
+def create_app(store_path: str | Path | None = None, max_sessions: int = 16, idle_s: float = IDLE_S,
                train_slots: int = 2) -> FastAPI:
     """The playground app; ``train_slots`` sessions train at once, the rest wait their turn."""
     torch.set_num_threads(1)  # tiny nets: intra-op threads only fight the other sessions for cores
