@@ -253,7 +253,8 @@ def test_link_reproduces_settings_and_bad_values_show_the_field(page, server):
     page.wait_for_function("() => window.playground.state && window.playground.state.status === 'idle'")
     assert page.input_value("#f-depth") == "4" and page.input_value("#f-act") == "tanh"
     page.click("#train")
-    page.wait_for_function("() => window.playground.state.status === 'finished'", timeout=30_000)
+    page.wait_for_function("() => window.playground.state && window.playground.state.status === 'finished'",
+                           timeout=30_000)
     assert len(page.evaluate("() => window.playground.history.loss")) == 30
     page.fill("#f-epochs", "5000")
     page.dispatch_event("#f-epochs", "change")

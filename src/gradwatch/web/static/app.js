@@ -46,7 +46,7 @@ const BASE = { margin: { l: 52, r: 12, t: 6, b: 34 }, font: { size: 11 }, paper_
 
 const app = {
   options: null, session: null, state: null, since: 0, boundaryVersion: -1, history: null, weights: {},
-  layers: {}, boundary: null, pinned: null, lastUpdates: -1, ticks: [], polling: false, busy: false,
+  layers: {}, boundary: null, pinned: null, lastUpdates: -1, ticks: [], busy: false, again: false, generation: 0,
 };
 window.playground = app; // for the browser tests and the curious
 
@@ -163,6 +163,7 @@ function choosePreset(key) {
 // ---- session ----
 
 function clearRun() {
+  app.generation += 1;
   app.since = 0;
   app.boundaryVersion = -1;
   app.history = { epoch: [], loss: [], accuracy: [], test_loss: [], test_accuracy: [] };
@@ -214,12 +215,16 @@ function merge(s) {
   app.state = s;
 }
 
+// One poll at a time: a forced poll (after a button) that finds one in flight runs right after it.
+// A reply from before a reset (another generation) is dropped, never merged into the new run.
 async function poll(force) {
-  if (!app.session || (app.busy && !force)) return;
+  if (!app.session) return;
+  if (app.busy) { app.again = app.again || force; return; }
   app.busy = true;
+  const generation = app.generation;
   try {
     const s = await api("GET", `/api/sessions/${app.session}/state?since=${app.since}&boundary=${app.boundaryVersion}`);
-    if (s.since !== app.since) { clearRun(); app.boundaryVersion = -1; return; }
+    if (generation !== app.generation || s.since !== app.since) return;
     merge(s);
     if (s.updates !== app.lastUpdates || force) {
       if (s.updates !== app.lastUpdates) app.ticks.push(performance.now());
@@ -230,8 +235,11 @@ async function poll(force) {
     }
     renderStatus();
   } catch (err) {
-    if (err.status === 404) { app.session = null; await resetRun(readControls()); } else showError(err.message);
-  } finally { app.busy = false; }
+    if (err.status === 404) { app.session = null; app.busy = false; await resetRun(readControls()); } else showError(err.message);
+  } finally {
+    app.busy = false;
+    if (app.again) { app.again = false; poll(true); }
+  }
 }
 
 function loop() {
@@ -254,7 +262,8 @@ function renderStatus() {
   $("acc-value").textContent = fmt(h.accuracy[h.accuracy.length - 1]);
   const now = performance.now();
   app.ticks = app.ticks.filter((t) => now - t < 2000);
-  $("rate").textContent = s.status === "running" ? (app.ticks.length / 2).toFixed(1) : "0";
+  const span = app.ticks.length > 1 ? (app.ticks[app.ticks.length - 1] - app.ticks[0]) / 1000 : 0;
+  $("rate").textContent = s.status === "running" && span > 0.5 ? ((app.ticks.length - 1) / span).toFixed(1) : "0";
   const running = s.status === "running";
   const over = ["finished", "diverged", "saved"].includes(s.status);
   $("train").disabled = running || over;
