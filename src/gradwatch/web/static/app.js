@@ -41,8 +41,8 @@ const PRESETS = {
 const POLL_MS = 120;
 const $ = (id) => document.getElementById(id);
 const PLOT = { displayModeBar: false, responsive: true };
-const BASE = { margin: { l: 52, r: 12, t: 6, b: 34 }, font: { size: 11 }, paper_bgcolor: "#fff", plot_bgcolor: "#fff",
-  legend: { orientation: "h", y: 1.12, x: 0 } };
+const BASE = { margin: { l: 52, r: 12, t: 24, b: 34 }, font: { size: 11 }, paper_bgcolor: "#fff", plot_bgcolor: "#fff",
+  legend: { orientation: "h", x: 0, y: 1, yanchor: "bottom" } };
 
 const app = {
   options: null, session: null, state: null, since: 0, boundaryVersion: -1, history: null, weights: {},
@@ -303,7 +303,8 @@ function render() {
       line: { color: "#9aa3b2", dash: "dot" } });
   }
   Plotly.react("curves", curves, { ...BASE, xaxis: { title: { text: "epoch" } }, yaxis: { title: { text: "loss" }, rangemode: "tozero" },
-    yaxis2: { title: { text: "accuracy" }, overlaying: "y", side: "right", range: [0, 1.02] }, margin: { ...BASE.margin, r: 46 } },
+    yaxis2: { title: { text: "accuracy" }, overlaying: "y", side: "right", range: [0, 1.02], autorange: false,
+      tickmode: "linear", tick0: 0, dtick: 0.25, tickformat: ".0%", showgrid: false }, margin: { ...BASE.margin, r: 52 } },
   PLOT);
 
   const now = performance.now();
