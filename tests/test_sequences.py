@@ -50,13 +50,18 @@ def test_diverged_runs_never_count_as_learned():
     assert study.at_chance(runs) and not study.learned(runs)
 
 
-def test_a_cell_stops_lengthening_once_most_seeds_sit_at_chance():
+def test_a_cell_stops_lengthening_once_most_seeds_sit_at_chance(monkeypatch):
+    monkeypatch.setitem(study.QUICK, "lengths", (4, 8, 16))
     chance = study.CHANCE["adding"]
     first = [_run("adding", k, 4, chance if k == "rnn" else 0.01, s) for k in study.KINDS for s in range(2)]
     first += [_run("recall", k, 4, 0.01, s) for k in study.KINDS for s in range(2)]
     names = {name for name, _, _ in study.next_jobs(first, quick=True)}
     assert "adding/rnn" not in names
     assert {"adding/lstm", "adding/gru", "recall/rnn"} <= names
+    second = [_run(task, k, 8, 0.01, s) for task in study.TASKS for k in study.KINDS for s in range(2)
+              if (task, k) != ("adding", "rnn")]
+    later = {name for name, _, spec in study.next_jobs(first + second, quick=True)}
+    assert later and "adding/rnn" not in later  # a stopped cell is not resumed at a later length
 
 
 def test_trace_at_init_ends_at_the_output_layers_gradient():

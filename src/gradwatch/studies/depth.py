@@ -13,6 +13,8 @@ import statistics
 
 from matplotlib.figure import Figure
 
+from gradwatch import theory
+from gradwatch.nets import ACTIVATIONS
 from gradwatch.records import Run
 from gradwatch.spec import Spec
 
@@ -130,7 +132,10 @@ def _figure(detail: list[dict]) -> Figure:
         ax_ok.plot(xs, frac, style, marker="o", label=name)
         ax_ratio.plot(xs, [d["ratio_init"] for d in mine], style, marker="o", label=name)
     xs = [d for d in DEPTHS]
-    ax_ratio.plot(xs, [0.25**d for d in xs], "k:", label="0.25^L (sigmoid bound)")
+    ax_ratio.plot(xs, [theory.sigmoid_bound(d) for d in xs], "k:", label="0.25^L (sigmoid bound)")
+    for name, gain in predicted_gains().items():
+        colour = f"C{list(REMEDIES).index(name) % 10}"
+        ax_ratio.plot(xs, [theory.predicted_ratio(gain, d) for d in xs], ":", color=colour, lw=1)
     for ax in (ax_ok, ax_ratio):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("hidden layers (log scale)")
@@ -142,12 +147,24 @@ def _figure(detail: list[dict]) -> Figure:
     return fig
 
 
+# remedy -> (activation, sigma_w^2 = Var(w) * fan_in of its init on a square layer): the nets the
+# acceptance orders, with the mean-field prediction drawn beside their measured ratio
+MEAN_FIELD = {"sigmoid": ("sigmoid", 1.0), "relu_glorot": ("relu", 1.0), "relu_he": ("relu", 2.0)}
+
+
+def predicted_gains() -> dict[str, float]:
+    """remedy -> theory.chi, the factor by which a squared gradient norm changes per layer at init."""
+    return {name: theory.chi(ACTIVATIONS[act]().double(), sigma_w2) for name, (act, sigma_w2) in MEAN_FIELD.items()}
+
+
 def _caption(detail: list[dict]) -> str:
     sig = [d for d in detail if d["remedy"] == "sigmoid"]
     deepest = max(sig, key=lambda d: d["depth"]) if sig else None
     text = ("Left: the share of seeds that reach the target at each depth (a remedy stops deepening once most "
             "seeds fail). Right: first/last weight-gradient norm at initialisation, median over seeds, against "
-            "the sigmoid chain-rule bound 0.25^L.")
+            "the sigmoid chain-rule bound 0.25^L; thin dotted lines in a remedy's colour are the mean-field "
+            "prediction chi^((L-1)/2) (Schoenholz et al. 2017) with chi = "
+            + ", ".join(f"{gain:.3g} for {name}" for name, gain in predicted_gains().items()) + ".")
     if deepest:
         text += (f" Plain sigmoid at depth {deepest['depth']}: ratio {deepest['ratio_init']:.1e} at init, "
                  f"{deepest['ratio_end']:.1e} at the end, {deepest['trained']} seeds trained.")
