@@ -36,9 +36,12 @@ def test_conclusion_follows_the_numbers():
     chance = study.CHANCE["adding"]
     lstm_wins = _cells({("rnn", 10): 0.01, ("rnn", 50): chance, ("lstm", 10): 0.01, ("lstm", 50): 0.005})
     rows = study.table(lstm_wins)
-    assert study.contrast(lstm_wins) == 50
-    assert "the LSTM learns the adding problem at T=50" in study.conclude(rows, 50)
-    assert "rnn learns up to T=10 and stops at T=50" in study.conclude(rows, 50)
+    assert study.contrast(lstm_wins) == (50, pytest.approx(1.0))
+    text = study.conclude(rows, study.contrast(lstm_wins))
+    assert "the LSTM learns the adding problem at T=50, where the plain RNN stays at chance" in text
+    assert "rnn learns up to T=10 and stops at T=50" in text
+    partly = _cells({("rnn", 50): 0.5 * chance, ("lstm", 50): 0.005})
+    assert "where the plain RNN does not learn but beats chance" in study.conclude(rows, study.contrast(partly))
     both_fail = _cells({("rnn", 10): 0.01, ("rnn", 50): chance, ("lstm", 10): 0.01, ("lstm", 50): chance})
     assert study.contrast(both_fail) is None
     assert "NOT confirmed" in study.conclude(study.table(both_fail), None)
@@ -47,10 +50,10 @@ def test_conclusion_follows_the_numbers():
 def test_diverged_runs_never_count_as_learned():
     runs = [_run("adding", "rnn", 10, 0.0, s, status="diverged") for s in range(3)]
     assert study.score(runs[0]) == math.inf
-    assert study.at_chance(runs) and not study.learned(runs)
+    assert not study.learned(runs)
 
 
-def test_a_cell_stops_lengthening_once_most_seeds_sit_at_chance(monkeypatch):
+def test_a_cell_stops_lengthening_once_most_seeds_fail_to_learn(monkeypatch):
     monkeypatch.setitem(study.QUICK, "lengths", (4, 8, 16))
     chance = study.CHANCE["adding"]
     first = [_run("adding", k, 4, chance if k == "rnn" else 0.01, s) for k in study.KINDS for s in range(2)]
