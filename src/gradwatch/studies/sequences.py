@@ -5,9 +5,9 @@ of U[0,1]; predicting the mean scores MSE 1/6, the sequence analogue of the seed
 (the sign of the first step after T - 1 steps of unit noise; chance is ln 2). A run has learned when
 its test loss ends below a quarter of chance, and sits at chance above 90% of it. Lengths run upward
 and a cell stops lengthening at the first length where most of its seeds fail to learn, so the budget
-goes where the answer is still open. The temporal picture, ||dL/dh_t|| for every step t of a probe batch at
-initialisation and after training (Pascanu et al. 2013), comes from one seed per cell at the length
-that separates them, retrained in this process so its hidden states can be read.
+goes where the answer is still open. The temporal picture, ||dL/dh_t|| for every step t (Pascanu et
+al. 2013), is read from the ``state_grad_norm`` records of seed 0 of each cell at the length that
+separates the LSTM from the RNN: the first batch of the first epoch (initialisation) and of the last.
 """
 
 from __future__ import annotations
@@ -70,8 +70,6 @@ def _most(runs: list[Run], test) -> bool:
 
 def learned(runs: list[Run]) -> bool:
     return _most(runs, lambda r: score(r) <= LEARNED)
-
-
 
 
 def next_jobs(runs: list[Run], quick: bool = False) -> list[tuple[str, str, Spec]]:
@@ -162,10 +160,10 @@ def trace(run: Run, when: str) -> list[float]:
 
 def w_hh_norm(run: Run) -> float:
     """Spectral norm of the run's recurrent matrix at init, rebuilt from its spec and seed as training did."""
-    spec = Spec.model_validate(run.spec)
-    torch.manual_seed(spec.train.seed)
-    model = build(spec.model, 1 if spec.data.name == "recall" else 2, 1)
-    return spectral_norm(model.cell.weight_hh)
+    run_spec = Spec.model_validate(run.spec)
+    torch.manual_seed(run_spec.train.seed)
+    features = 1 if run_spec.data.name == "recall" else 2  # recall: the value; adding: (value, mark)
+    return spectral_norm(build(run_spec.model, features, 1).cell.weight_hh)
 
 
 def flows(runs: list[Run]) -> tuple[int, dict[str, Run]]:
