@@ -1,5 +1,7 @@
 """Each study's machinery on a tiny budget, and conclusions that follow the data, not a script."""
 
+import html
+
 import pytest
 
 from gradwatch.studies import (
@@ -55,8 +57,11 @@ def test_rerun_reuses_stored_runs(results):
 
 def test_study_page_holds_every_table_and_figure(results, tmp_path):
     page = write_page(list(results[0].values()), tmp_path).read_text()
-    assert page.count("<table>") == len(COLUMNS) and page.count("<figure") >= len(COLUMNS)
+    assert page.count("<table>") == len(COLUMNS) + 1 and page.count("<figure") >= len(COLUMNS)  # + closing note's
     assert "Conclusion (computed from the table)" in page
+    note = page[page.index("Closing note"):]
+    assert "<table>" in note and all(html.escape(results[0][name].conclusion.split(";")[0]) in note for name in
+                                     ("depth", "exploding", "output-activation", "width-vs-depth", "relu-he"))
 
 
 def _depth_rows(he: int, glorot: int) -> list[dict]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from gradwatch.records import Run
 from gradwatch.report.html import Page
 from gradwatch.store import Store
-from gradwatch.studies import STUDIES, Result, demo, run_study
+from gradwatch.studies import STUDIES, Result, demo, module, run_study
 from gradwatch.sweep import run_each
 
 
@@ -26,7 +26,26 @@ def write_page(results: list[Result], out_dir: Path, demo_runs: list[Run] = ()) 
         page.text("Conclusion (computed from the table): " + result.conclusion)
         for fig, caption, stem in result.figures:
             page.image(fig, caption, stem)
+    closing(page, results)
     return page.write()
+
+
+# the studies the closing note quotes: the trainable-depth table, then each conclusion sentence
+CLOSING = ("depth", "sequences", "exploding", "output-activation", "width-vs-depth", "relu-he")
+
+
+def closing(page: Page, results: list[Result]) -> None:
+    """The closing note: the trainable-depth table again and the conclusions, each as computed above."""
+    found = {r.title: r for r in results}
+    chosen = {name: found[module(name).TITLE] for name in CLOSING if module(name).TITLE in found}
+    if not chosen:
+        return
+    page.text("Closing note", "h2")
+    if "depth" in chosen:
+        page.text("Trainable depth (the deepest net each remedy trains to the target loss, majority of seeds):")
+        page.table(chosen["depth"].rows)
+    for name, result in chosen.items():
+        page.text(f"{name}: {result.conclusion}")
 
 
 def run_all(store: Store, out_dir: Path, workers: int | None = None, quick: bool = False,
