@@ -121,3 +121,14 @@ def test_width_vs_depth_conclusion_follows_the_data():
 
 def test_study_modules_resolve():
     assert all(module(name).TITLE for name in STUDIES)
+
+
+def test_depth_jacobian_spectrum_follows_mean_field():
+    """RMS singular value of d h_L / d h_1 at init against theory's chi^((L-1)/2); residual+norm stays near 1."""
+    from gradwatch import theory
+
+    rms = {name: depth.singular_values(name, depth=8).square().mean().sqrt().item() for name in depth.ISOMETRY}
+    predicted = theory.predicted_ratio(depth.predicted_gains()["sigmoid"], 8)
+    assert predicted / 3 < rms["sigmoid"] < predicted * 3
+    assert rms["sigmoid"] < rms["relu_glorot"] < rms["relu_he"]
+    assert 0.5 < rms["residual_norm"] < 2
