@@ -85,3 +85,10 @@ def test_trace_at_init_ends_at_the_output_layers_gradient():
     assert init[-1] == pytest.approx(expected, rel=1e-5)
     assert init != trained
     assert study.w_hh_norm(run) == pytest.approx(torch.linalg.matrix_norm(model.cell.weight_hh, 2).item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_real_budget_lstm_learns_adding_where_the_rnn_does_not(tmp_store):
+    """The acceptance claim at the study's own budget (minutes on 2 cores; `pytest -m slow`)."""
+    result = run_study("sequences", tmp_store)
+    assert "the LSTM learns the adding problem at T=" in result.conclusion
