@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 import click
 import typer
@@ -194,6 +195,30 @@ def study(
     console.print(f"report: {(page or write_page(results, out)).resolve()}")
 
 
+@app.command()
+def sweep(
+    study_file: Path = typer.Argument(..., help="STUDY.yaml: name, base spec, grid and/or list over spec fields"),
+    backend: Literal["local", "ray"] = typer.Option("local", help="train here, or send ensembles to Ray"),
+    address: str = typer.Option(None, help="Ray cluster address (default: start a local Ray)"),
+    workers: int = typer.Option(1, min=1, help="local worker processes, one ensemble each at a time"),
+    out: Path = typer.Option(Path("gradwatch-report"), "--out", help="folder for the HTML report and PNGs"),
+    store: Path = STORE,
+) -> None:
+    """Train every spec of a study file as stacked ensembles, resumably; print medians, write a report."""
+    from gradwatch import sweep as sw
+    from gradwatch.report.html import write_report
+
+    plan = sw.load_study(study_file)  # validated whole before the store is opened or any run starts
+    db = _store(store)
+    with progress() as bar:
+        task = bar.add_task(f"sweep {plan.name}", total=None, rate="")
+        tick = lambda done, total, rate: bar.update(task, completed=done, total=total, rate=f"{rate:.1f} runs/s")  # noqa: E731
+        fresh = sw.run_study(plan, db, backend, address, workers, tick)
+    print_rows(f"{plan.name}: medians over seeds", sw.summarize(plan, db))
+    page = write_report(sw.report_runs(plan, db, fresh), out, title=f"gradwatch sweep: {plan.name}")
+    console.print(f"report: open {page.resolve()} in a browser; all runs: gradwatch report --group '{plan.name}'")
+
+
 def _print_run(run, findings) -> None:
     console.print(f"[bold]{run.name or run.id}[/] ({run.id}, {run.status})")
     if run.spec:
@@ -210,7 +235,7 @@ def _print_run(run, findings) -> None:
 def main() -> None:
     """Console entry point: click's own errors as usual, gradwatch's user errors as one red line."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer returns, not raises, the exit code of Ctrl-C (130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -220,3 +245,5 @@ def main() -> None:
         message = exc.args[0] if exc.args else str(exc)
         errors.print(f"[red]error: {message}[/]", highlight=False)
         sys.exit(2)
+    if isinstance(code, int) and code:
+        sys.exit(code)

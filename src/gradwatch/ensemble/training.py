@@ -1,0 +1,265 @@
+"""Ensemble: one training loop for E stacked members, step for step what ``train.Training`` does to one.
+
+Each step records what the watcher records for a single run, with the same STATS functions on a
+member axis: per-layer gradient norm and RMS every step (every ``thin``-th); every ``every`` steps
+max/mean |g|, NaN/Inf counts, update ratios, and from the forward pass activation RMS, saturation,
+dead units and the backpropagated signal; on each epoch's first batch the Dense weight-gradient
+norms; per epoch the loss, and (every ``evaluate_every``-th and at a member's last) accuracy, test
+loss and the seed's weight-change measures. Values are kept as (layers, E) tensors (``blocks``) and
+turned into Records once, at the end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from gradwatch.data import check_output, load
+from gradwatch.ensemble.stack import Stack, spans
+from gradwatch.nets import OUTPUTS, RECTIFIERS, SATURATING
+from gradwatch.spec import Spec
+from gradwatch.stats import STATS, Layout, percent_change, seed_gradient
+
+BETAS, EPS = (0.9, 0.999), 1e-7  # torch Adam's betas with Keras's epsilon, as train.make_optimizer
+TRACE = 4  # first-layer weights traced per epoch, as train.TRACE
+
+# (step, epoch, stat, layer names, values (layers, members), member slice or None for all members)
+Block = tuple[int, int, str, tuple[str, ...], Tensor, slice | None]
+
+
+class Ensemble:
+    """E members (sorted by activation) advanced an epoch at a time; ``done`` once all are retired."""
+
+    def __init__(self, specs: list[Spec], every: int = 10, thin: int = 1, evaluate_every: int = 1):
+        spec = specs[0]
+        self.specs, self.train_spec = specs, spec.train
+        self.every, self.thin, self.evaluate_every = every, thin, evaluate_every  # see train_many
+        self.data = load(spec.data)
+        check_output(self.data.task, spec.model.output_activation, spec.data.name)
+        if self.data.x_train.dim() != 2:
+            raise ValueError(f"data.name: got {spec.data.name!r}; allowed: tabular data for model.kind=mlp")
+        self.stack = Stack(specs, self.data.x_train.shape[1], self.data.n_outputs)
+        E, stack = len(specs), self.stack
+        self.loss_fn, self.predict = OUTPUTS[spec.model.output_activation]
+        self.member_loss = vmap(self.loss_fn)  # per member: the mean over its own batch, (E,)
+        self.shared_loss = vmap(self.loss_fn, in_dims=(0, None))
+        self.x = self.data.x_train.t().contiguous()  # (F, N)
+        rates = [s.train.learning_rate for s in specs]
+        self.lr = torch.tensor(rates)[:, None, None]  # (E, 1, 1)
+        self.rates = spans(rates)  # (learning rate, member slice)
+        self.alive = torch.ones(E)  # (E,): 0 for retired members, whose gradients are then exactly 0
+        if spec.train.optimizer == "adam":
+            self.m, self.v = torch.zeros_like(stack.flat), torch.zeros_like(stack.flat)  # (E, P) each
+            self.adam_step = torch.zeros(())  # torch Adam's float32 step count
+        seeds = sorted({s.train.seed for s in specs})
+        self.orders = [torch.Generator().manual_seed(seed) for seed in seeds]  # one shuffle per distinct seed
+        self.order_of = torch.tensor([seeds.index(s.train.seed) for s in specs])  # (E,)
+        self.dense = [name for name in stack.matrices if name.endswith("weight")]
+        self.dense_layers = tuple(n.rsplit(".", 1)[0] for n in self.dense)
+        self.initial = {n: stack.p[n].detach().clone() for n in self.dense}  # (E, out, in) each
+        self.names = tuple(stack.layers)
+        # layers whose output the watcher probes for scale and backpropagated signal (not activations)
+        self.signal = tuple(n for n in self.names if stack.kinds[n] not in (*SATURATING, *RECTIFIERS))
+        self.layout = Layout.of([[v] for v in stack.views(stack.flat)], members=True)
+        self.dense_layout = Layout.of([[stack.p[n]] for n in self.dense], members=True)
+        self.blocks: list[Block] = []
+        self.ends: list[int] = []  # len(blocks) at the end of each epoch
+        self.history: dict[str, dict[int, Tensor]] = {}  # stat -> epoch -> (E,)
+        self.step = self.epochs_done = 0
+        self.status = ["running"] * E
+        self.last_epoch = [-1] * E  # a member's last trained epoch
+        self.kept: dict[int, tuple[Tensor, dict[str, Tensor]]] = {}  # retired member -> (params, buffers)
+
+    @property
+    def done(self) -> bool:
+        return self.epochs_done >= self.train_spec.epochs or "running" not in self.status
+
+    # --- one epoch ----------------------------------------------------------------------------
+    def epoch(self) -> None:
+        """Train one shuffled pass; members whose loss is NaN/Inf or at their stop_loss retire here."""
+        n, size = self.x.shape[1], self.train_spec.batch_size
+        perms = torch.stack([torch.randperm(n, generator=g) for g in self.orders])[self.order_of]  # (E, N)
+        xs, ys = self.x[:, perms], self.data.y_train[perms]  # (F, E, N), (E, N, 1) or (E, N)
+        losses, totals = [], []
+        for start in range(0, n, size):
+            part = slice(start, start + size)
+            loss, total = self._step(xs[:, :, part].transpose(0, 1), ys[:, part], first=not losses)  # x: (E, F, B)
+            losses.append(loss)
+            totals.append(total)
+        scalars = {"loss": torch.stack(losses).mean(0)}  # (E,): mean of the batch losses, as Keras reports
+        if totals[0] is not None:
+            scalars["grad_norm_before_clip"] = torch.stack(totals).amax(0)
+        retiring = self._retire(scalars["loss"].tolist())  # sync: once per epoch, each member's loss
+        measured = bool(retiring) or self.epochs_done % self.evaluate_every == 0
+        if measured:
+            scalars.update(self._evaluate())
+        for stat, values in scalars.items():
+            self._push(stat, ("",), values[None])
+            self.history.setdefault(stat, {})[self.epochs_done] = values
+        if measured:
+            self._record_seed_measures()
+        self.ends.append(len(self.blocks))
+        for e in retiring:
+            if self.epochs_done + 1 < self.train_spec.epochs:
+                self._set_aside(e)
+        self.epochs_done += 1
+
+    def _step(self, x: Tensor, y: Tensor, first: bool) -> tuple[Tensor, Tensor | None]:
+        stack, sampled = self.stack, self.step % self.every == 0
+        taps: dict[str, Tensor] | None = {} if sampled else None
+        z = stack.forward(x, True, taps)  # (E, n_out, B)
+        loss = self.member_loss(z.transpose(1, 2), y)  # (E,)
+        if taps:
+            for name in self.signal:
+                taps[name].retain_grad()
+        stack.grad.zero_()
+        (loss * self.alive).sum().backward()
+        if first:  # the Dense weight-matrix gradients, before clipping (train._record_weight_grads)
+            grads = [stack.p[n].grad for n in self.dense]
+            self._push("weight_grad_norm", self.dense_layers,
+                       STATS["weight_grad_norm"](grads, self.dense_layout, members=True))
+        total = self._clip()
+        self._record_grads(sampled)
+        if taps:
+            self._record_taps(taps)
+        before = stack.flat.clone() if sampled else None  # (E, P)
+        with torch.no_grad():
+            self._update()
+        if before is not None:
+            ratio = STATS["update_ratio"](stack.views(before), stack.views(stack.flat), self.layout, members=True)
+            self._push("update_ratio", self.names, ratio)
+        self.step += 1
+        return loss.detach(), total
+
+    def _clip(self) -> Tensor | None:
+        """Clip each member's gradient as ``train.clip_`` does; returns its norm before clipping, (E,)."""
+        g, t, total = self.stack.grad, self.train_spec, None
+        if t.clip_norm is not None:
+            total = torch.linalg.vector_norm(g, dim=1)  # (E,)
+            g.mul_((t.clip_norm / (total + 1e-6)).clamp(max=1.0)[:, None])  # clip_grad_norm_'s coefficient
+        if t.clip_value is not None:
+            g.clamp_(-t.clip_value, t.clip_value)
+        return total
+
+    def _update(self) -> None:
+        """Adam (torch's fused kernel, as ``Adam(fused=True)``) or SGD on the whole (E, P) buffer.
+
+        Adam is elementwise, so one call per run of members with equal learning rates is exact.
+        """
+        p, g = self.stack.flat, self.stack.grad
+        if self.train_spec.optimizer != "adam":
+            p.addcmul_(g, self.lr[:, :, 0], value=-1.0)  # p - lr g, as SGD's add_(g, alpha=-lr)
+            return
+        self.adam_step += 1
+        for lr, part in self.rates:
+            torch._fused_adam_([p[part]], [g[part]], [self.m[part]], [self.v[part]], [], [self.adam_step], lr=lr,
+                               beta1=BETAS[0], beta2=BETAS[1], weight_decay=0.0, eps=EPS, amsgrad=False,
+                               maximize=False)
+
+    # --- statistics -------------------------------------------------------------------------------
+    def _push(self, stat: str, names: tuple[str, ...], values: Tensor, part: slice | None = None) -> None:
+        self.blocks.append((self.step, self.epochs_done, stat, names, values.detach(), part))
+
+    def _record_grads(self, sampled: bool) -> None:
+        grads = self.stack.views(self.stack.grad)  # (E, n_layer) each
+        if self.step % self.thin == 0:
+            norms = STATS["grad_norm"](grads, self.layout, members=True)  # (L, E)
+            self._push("grad_norm", self.names, norms)
+            self._push("grad_rms", self.names, norms / self.layout.numel.sqrt()[:, None])
+        if sampled:
+            for stat in ("grad_max_abs", "grad_mean_abs", "nonfinite"):
+                self._push(stat, self.names, STATS[stat](grads, self.layout, members=True))
+
+    def _record_taps(self, taps: dict[str, Tensor]) -> None:
+        """Sampled-step forward/backward statistics, taken where the watcher's module hooks take them."""
+        outs = [taps[n].detach() for n in self.signal]
+        layout = Layout.of([[o] for o in outs], members=True)
+        self._push("act_rms", self.signal, STATS["act_rms"](outs, layout, members=True))
+        grads = [taps[n].grad for n in self.signal]
+        self._push("backprop_norm", self.signal, STATS["backprop_norm"](grads, layout, members=True))
+        acts = tuple(f"act{i}" for i in range(1, self.stack.depth + 1))
+        for name, part in self.stack.groups:
+            kind = type(self.stack.fns[name]).__name__
+            outputs = [taps[a].detach()[part] for a in acts]  # (E_part, H, B) each
+            if acts and kind in SATURATING:
+                fracs = STATS["saturated_frac"](outputs, [SATURATING[kind]] * len(acts), members=True)
+                self._push("saturated_frac", acts, fracs, part)
+            elif acts and kind in RECTIFIERS:  # dead_frac wants features last: (E_part, B, H)
+                fracs = STATS["dead_frac"]([o.transpose(1, 2) for o in outputs], members=True)
+                self._push("dead_frac", acts, fracs, part)
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, Tensor]:
+        """Training-set accuracy and test loss/accuracy per member, in eval mode (batch norm's running stats)."""
+        data, out = self.data, {}
+        n = len(data.x_train)
+        both = self.predictions(torch.cat([data.x_train, data.x_test])).transpose(1, 2)  # (E, N + N_test, n_out)
+        for split, z, y in (("", both[:, :n], data.y_train), ("test_", both[:, n:], data.y_test)):
+            if split:
+                out["test_loss"] = self.shared_loss(z, y)
+            if data.task != "regression":
+                out[f"{split}accuracy"] = (self.predict(z) == y).float().flatten(1).mean(1)
+        return out
+
+    @torch.no_grad()
+    def predictions(self, x: Tensor, chunk: int = 256) -> Tensor:
+        """Every member's pre-activations on the same inputs (N, F), in eval mode: (E, n_out, N).
+
+        In chunks of examples, so no activation outgrows the cache (and glibc's mmap threshold).
+        """
+        xs = x.t()[None].expand(self.stack.n, -1, -1)  # (E, F, N), one copy shared by all members
+        return torch.cat([self.stack.forward(xs[:, :, i : i + chunk], train=False) for i in range(0, len(x), chunk)], 2)
+
+    @torch.no_grad()
+    def _record_seed_measures(self) -> None:
+        """The seed's mean |(old - new) / lr| and median % change per Dense layer, plus a weight trace."""
+        grads, pcts = [], []
+        for name in self.dense:
+            old, new = self.initial[name], self.stack.p[name]  # (E, out, in)
+            grads.append(seed_gradient(old, new, self.lr).abs().flatten(1).mean(1))
+            pcts.append(percent_change(old, new).flatten(1).nanmedian(1).values)
+        self._push("seed_gradient", self.dense_layers, torch.stack(grads))
+        self._push("percent_change", self.dense_layers, torch.stack(pcts))
+        first = self.dense_layers[0]
+        trace = self.stack.p[self.dense[0]].flatten(1)[:, :TRACE].t().clone()  # (TRACE, E), a copy: the view moves
+        self._push("weight", tuple(f"{first}[{j}]" for j in range(len(trace))), trace)
+
+    # --- retiring members -------------------------------------------------------------------------
+    def _retire(self, losses: list[float]) -> list[int]:
+        """Members that stop at this epoch, as ``train`` would: NaN/Inf (diverged), stop_loss or last epoch."""
+        last = self.epochs_done + 1 >= self.train_spec.epochs
+        retiring = []
+        for e, (spec, loss) in enumerate(zip(self.specs, losses, strict=True)):
+            if self.status[e] != "running":
+                continue
+            self.last_epoch[e] = self.epochs_done
+            stop = spec.train.stop_loss
+            if not math.isfinite(loss):
+                self.status[e] = "diverged"
+            elif last or (stop is not None and loss <= stop):
+                self.status[e] = "finished"
+            else:
+                continue
+            retiring.append(e)
+        return retiring
+
+    @torch.no_grad()
+    def _set_aside(self, e: int) -> None:
+        """Keep a retired member's state for its summary; zero its row so it computes harmless zeros."""
+        stack = self.stack
+        self.kept[e] = (stack.flat[e].clone(), {k: b[e].clone() for k, b in stack.buffers.items()})
+        stack.flat[e] = 0  # finite, so the zero gradient that reaches it stays exactly 0
+        self.alive[e] = 0
+        if self.train_spec.optimizer == "adam":
+            self.m[e], self.v[e] = 0, 0  # Adam then moves it by 0 / (0 + eps) = 0
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put every retired member's kept state back, for the summary and decision boundary."""
+        for e, (flat, buffers) in self.kept.items():
+            self.stack.flat[e] = flat
+            for k, b in buffers.items():
+                self.stack.buffers[k][e] = b

@@ -1,0 +1,95 @@
+"""A member of a stacked ensemble is the run ``train`` makes of its spec: records, summary and status."""
+
+import math
+
+import pytest
+
+from gradwatch.ensemble import shape_key, train_many
+from gradwatch.spec import Spec, SpecError
+from gradwatch.train import train
+
+TINY = Spec().replace(**{"data.n_samples": 64, "model.depth": 3, "model.width": 5, "train.epochs": 2,
+                         "train.batch_size": 16})
+INITS = ["default", "glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_normal", "orthogonal"]
+ACTIVATIONS = ["sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "linear"]  # prelu: its own shape
+# Batch norm cancels the bias of the Dense layer before it, so that bias's gradient is pure rounding
+# noise, which Adam turns into +-lr steps whatever its size; the update ratio and batch norm's running
+# mean (so eval-mode accuracy and test loss) follow that noise. Only their presence is compared there.
+NOISE = {"accuracy", "test_accuracy", "test_loss", "update_ratio", "train_accuracy"}
+EVERY_STEP = {"loss", "grad_norm", "grad_rms", "weight_grad_norm", "seed_gradient", "percent_change", "weight"}
+
+CASES = {
+    # every activation and init in one ensemble, with per-member residual flags and learning rates
+    "activations_inits": [{"model.activation": a, "model.init": INITS[i % len(INITS)], "train.seed": i,
+                           "model.residual": i % 2 == 0, "train.learning_rate": (0.001, 0.01)[i % 2]}
+                          for i, a in enumerate(ACTIVATIONS)],
+    "prelu": [{"model.activation": "prelu"}, {"model.activation": "prelu", "model.residual": True, "train.seed": 1}],
+    "batch_norm": [{"model.norm": "batch"}, {"model.norm": "batch", "model.activation": "relu",
+                                             "model.residual": True, "train.seed": 1}],
+    "layer_norm": [{"model.norm": "layer", "model.activation": "tanh"},
+                   {"model.norm": "layer", "model.activation": "selu", "model.init": "lecun_normal"}],
+    "sgd_clipped": [{"train.optimizer": "sgd", "train.learning_rate": 0.5, "train.clip_norm": 0.05, **extra}
+                    for extra in ({}, {"model.activation": "relu", "model.bias_init": 0.1, "model.init_gain": 2.0})],
+    "tanh_output_clip_value": [{"model.output_activation": "tanh", "train.clip_value": 0.01, "train.seed": s}
+                               for s in (0, 1)],
+}
+
+
+def close(a: float, b: float, rel: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rel, abs_tol=1e-6)
+
+
+def assert_same_run(single, member, noise: set[str] = frozenset()):
+    """Every row (step, epoch, layer, stat) of the single run, values within float rounding; the loss within 1e-5."""
+    ours = {row[:4]: row[4] for row in member.records.rows}
+    theirs = {row[:4]: row[4] for row in single.records.rows}
+    assert theirs.keys() <= ours.keys()  # the watcher records only on sampled steps what the ensemble takes
+    assert {k for k in ours if k[3] in EVERY_STEP} == {k for k in theirs if k[3] in EVERY_STEP}
+    for key, value in theirs.items():
+        if key[3] == "loss":
+            assert abs(ours[key] - value) <= 1e-5 or (math.isnan(value) and math.isnan(ours[key])), key
+        elif key[3] not in noise:
+            assert close(ours[key], value, 1e-4), (key, value, ours[key])
+    assert (member.status, member.key, member.spec) == (single.status, single.key, single.spec)
+    assert member.summary.keys() == single.summary.keys()
+    for field, value in single.summary.items():
+        if isinstance(value, float) and field not in noise:
+            assert close(member.summary[field], value, 1e-4), field
+        elif field in ("steps", "verdict"):
+            assert member.summary[field] == value, field
+    if "boundary" in single.summary and "test_loss" not in noise:
+        mine, theirs = member.summary["boundary"]["p"], single.summary["boundary"]["p"]
+        assert all(close(a, b, 1e-4) for r, s in zip(mine, theirs, strict=True) for a, b in zip(r, s, strict=True))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_member_equals_single_run(case):
+    specs = [TINY.replace(**over) for over in CASES[case]]
+    members = train_many(specs, names=[f"m{i}" for i in range(len(specs))], group="g")
+    noise = NOISE if case == "batch_norm" else set()
+    for i, (spec, member) in enumerate(zip(specs, members, strict=True)):
+        assert (member.name, member.group) == (f"m{i}", "g")
+        assert_same_run(train(spec), member, noise)
+    first = members[0].summary["first_weights_start"]
+    assert first == train(specs[0]).summary["first_weights_start"]  # the very same initial weights
+
+
+def test_diverged_member_is_masked_and_the_others_train_on():
+    base = TINY.replace(**{"train.optimizer": "sgd", "model.output_activation": "linear", "model.activation": "relu",
+                           "train.epochs": 3})
+    specs = [base.replace(**{"train.learning_rate": 0.1}), base.replace(**{"train.learning_rate": 10.0,
+                                                                           "model.init_gain": 10.0}),
+             base.replace(**{"train.learning_rate": 0.1, "train.seed": 1, "train.stop_loss": 0.9})]
+    members = train_many(specs)
+    assert [m.status for m in members] == ["finished", "diverged", "finished"]
+    epochs = [len(m.records.series("loss")[1]) for m in members]
+    assert epochs == [3, 1, 1]  # the diverged and the stop_loss member stop where train() stops them
+    for spec, member in zip(specs, members, strict=True):
+        assert_same_run(train(spec), member)
+
+
+def test_members_of_different_shapes_are_refused_with_the_field_named():
+    with pytest.raises(SpecError, match=r"^model.depth: got 2 and 3 in one ensemble"):
+        train_many([TINY, TINY.replace(**{"model.depth": 2})])
+    assert shape_key(TINY) == shape_key(TINY.replace(**{"model.activation": "relu", "train.seed": 5}))
+    assert shape_key(TINY) != shape_key(TINY.replace(**{"model.activation": "prelu"}))  # slopes are parameters

@@ -1,0 +1,167 @@
+"""Sweeps: a study file validated whole before any run, every run stored once however the sweep is stopped."""
+
+import math
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from gradwatch import sweep
+from gradwatch.cli import app
+from gradwatch.spec import Spec, SpecError
+from gradwatch.store import Store
+from gradwatch.train import train
+
+TINY = {"data": {"n_samples": 48}, "model": {"depth": 2, "width": 4}, "train": {"epochs": 2, "batch_size": 16}}
+STUDY = {"name": "tiny", "base": TINY, "grid": {"model.activation": ["sigmoid", "relu"], "train.seed": [0, 1, 2]}}
+# long enough that a kill lands mid-sweep: 32 runs in ensembles of 2, each run committed on its own
+LONG = {"name": "long", "base": TINY, "chunk": 2, "grid": {"model.activation": ["sigmoid", "relu"],
+                                                           "train.seed": list(range(16))}}
+
+
+def write(path, study: dict):
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def keys(db) -> list[str]:
+    try:
+        with sqlite3.connect(db) as con:
+            return [k for (k,) in con.execute("SELECT key FROM runs")]
+    except sqlite3.OperationalError:  # the sweep has not created the table yet
+        return []
+
+
+BAD = [
+    ({"grid": {"model.dept": [2]}}, "model.dept: unknown field; allowed: kind, depth, width"),
+    ({"grid": {"model.depth": []}}, "grid.model.depth: got []; allowed: a non-empty list of values"),
+    ({"grid": {"model.depth": ["deep"]}}, "model.depth: got 'deep'; allowed: input should be a valid integer"),
+    ({"grid": {"model.activation": ["relu", "sigmod"]}}, "model.activation: got 'sigmod'; allowed: sigmoid, tanh"),
+    ({"grids": {}}, "grids: unknown field; allowed: name, base, grid, list"),
+    ({"table": {"rows": ["model.width"]}}, "table: got 'model.width'; allowed: a field the study varies"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD)
+def test_malformed_study_is_one_line_before_any_run_and_the_store_untouched(tmp_path, tmp_store, change, message):
+    tmp_store.put_run(train(Spec().replace(**{"model.depth": 1, "train.epochs": 1})))
+    before = tmp_store.path.read_bytes()
+    path = write(tmp_path / "bad.yaml", {**STUDY, **change})
+    with pytest.raises(SpecError) as err:
+        sweep.load_study(path)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    out = CliRunner().invoke(app, ["sweep", str(path), "--store", str(tmp_store.path)])
+    assert isinstance(out.exception, SpecError)
+    assert tmp_store.path.read_bytes() == before
+
+
+def test_sweep_command_has_help():
+    out = CliRunner().invoke(app, ["sweep", "--help"])
+    assert out.exit_code == 0 and "--backend" in out.stdout and "--workers" in out.stdout
+
+
+def test_cli_prints_a_bad_study_in_one_red_line_and_exits_2(tmp_path):
+    path = write(tmp_path / "bad.yaml", {**STUDY, "grid": {"model.depth": []}})
+    out = subprocess.run([sys.executable, "-m", "gradwatch", "sweep", str(path), "--store", str(tmp_path / "r.db")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == "error: grid.model.depth: got []; allowed: a non-empty list of values"
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_grid_and_list_make_one_job_per_distinct_spec_named_without_the_seed():
+    study = sweep.study({**STUDY, "list": [{"model.depth": 2}, {"model.depth": 3}, {"model.depth": 2}]})
+    assert len(study.jobs) == 2 * 2 * 3 and len({spec.key() for *_, spec in study.jobs}) == 12
+    assert study.varied == ["model.activation", "train.seed", "model.depth"]
+    assert study.jobs[0][:2] == ("activation=sigmoid depth=2", "tiny")
+    assert study.rows == ["model.activation", "model.depth"]
+
+
+def test_jobs_are_grouped_into_ensembles_by_shape():
+    base = Spec().replace(**{"train.epochs": 1})
+    jobs = [("a", "", base), ("b", "", base.replace(**{"model.activation": "relu"})),
+            ("c", "", base.replace(**{"model.depth": 2})), ("d", "", base.replace(**{"model.kind": "rnn"})),
+            ("e", "", base.replace(**{"train.seed": 1}))]
+    assert [[name for name, *_ in chunk] for chunk in sweep.chunks(jobs, 2)] == [["a", "b"], ["e"], ["c"], ["d"]]
+
+
+def test_sweep_stores_each_run_once_and_a_rerun_adds_nothing(tmp_path, tmp_store):
+    study = sweep.load_study(write(tmp_path / "s.yaml", STUDY))
+    ticks = []
+    fresh = sweep.run_study(study, tmp_store, on_progress=lambda done, total, rate: ticks.append((done, total)))
+    assert ticks[-1] == (6, 6) and len(fresh) == 6
+    assert sorted(keys(tmp_store.path)) == sorted(spec.key() for *_, spec in study.jobs)
+    assert {(r["name"], r["group"]) for r in tmp_store.runs()} == {("activation=sigmoid", "tiny"),
+                                                                    ("activation=relu", "tiny")}
+    assert sweep.run_study(study, tmp_store) == [] and len(keys(tmp_store.path)) == 6
+    rows = sweep.summarize(study, tmp_store)
+    assert [(r["activation"], r["runs"]) for r in rows] == [("sigmoid", 3), ("relu", 3)]
+    mine = [r["summary"]["final_loss"] for r in tmp_store.runs() if r["name"] == "activation=relu"]
+    assert rows[1]["final_loss"] == pytest.approx(sorted(mine)[1])  # the median over the seeds
+
+
+def test_summary_table_rows_by_columns():
+    study = sweep.study({**STUDY, "grid": {**STUDY["grid"], "model.depth": [1, 2]},
+                         "table": {"rows": "model.depth", "columns": "model.activation", "value": "accuracy"}})
+    assert (study.rows, study.columns, study.value) == (["model.depth"], "model.activation", "accuracy")
+
+
+def interrupted(tmp_path, sig) -> tuple[int, int]:
+    """Start the long sweep, send ``sig`` at a random moment after its first commit; (runs then, exit code)."""
+    path, db = write(tmp_path / "long.yaml", LONG), tmp_path / "runs.db"
+    cmd = [sys.executable, "-m", "gradwatch", "sweep", str(path), "--store", str(db), "--out", str(tmp_path / "rep")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # Ctrl-C as in a terminal,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if we ignore it
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not (db.exists() and keys(db)):
+        time.sleep(0.02)
+    time.sleep(random.uniform(0, 0.5))
+    proc.send_signal(sig)
+    code = proc.wait(timeout=60)
+    stored = len(keys(db))
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    expected = sorted(spec.key() for *_, spec in sweep.load_study(path).jobs)
+    assert sorted(keys(db)) == expected  # exactly the grid's runs: none lost, none twice
+    return stored, code
+
+
+def test_sigkill_mid_sweep_loses_no_run(tmp_path):
+    stored, code = interrupted(tmp_path, signal.SIGKILL)
+    assert code == -signal.SIGKILL and 0 < stored < 32
+
+
+def test_ctrl_c_mid_sweep_loses_no_run(tmp_path):
+    stored, code = interrupted(tmp_path, signal.SIGINT)
+    assert code == 130 and 0 < stored < 32
+
+
+@pytest.mark.ray
+def test_ray_backend_stores_what_the_local_backend_stores(tmp_path):
+    ray = pytest.importorskip("ray")
+    study = sweep.load_study(write(tmp_path / "s.yaml", {**STUDY, "chunk": 2}))
+    local, remote = Store(tmp_path / "local.db"), Store(tmp_path / "ray.db")
+    sweep.run_study(study, local)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        sweep.run_study(study, remote, backend="ray")
+    finally:
+        ray.shutdown()
+    ours, theirs = ({r["key"]: r for r in store.runs()} for store in (local, remote))
+    assert ours.keys() == theirs.keys() and len(ours) == 6
+    for key, run in ours.items():
+        assert (run["name"], run["group"], run["status"], run["spec"]) == (
+            theirs[key]["name"], theirs[key]["group"], theirs[key]["status"], theirs[key]["spec"])
+        for field, value in run["summary"].items():
+            if isinstance(value, float):
+                assert math.isclose(value, theirs[key]["summary"][field], rel_tol=1e-6, abs_tol=1e-9), field
+        mine, other = local.get(run["id"]).records.rows, remote.get(theirs[key]["id"]).records.rows
+        assert [r[:4] for r in mine] == [r[:4] for r in other]
+        assert all(math.isclose(a[4], b[4], rel_tol=1e-6, abs_tol=1e-9) or a[4] != a[4]
+                   for a, b in zip(mine, other, strict=True))
