@@ -132,3 +132,15 @@ def test_depth_jacobian_spectrum_follows_mean_field():
     assert predicted / 3 < rms["sigmoid"] < predicted * 3
     assert rms["sigmoid"] < rms["relu_glorot"] < rms["relu_he"]
     assert 0.5 < rms["residual_norm"] < 2
+
+
+def test_depth_explains_he_not_beating_glorot_from_the_runs():
+    def cell(remedy, depth_, trained, grad, ratio):
+        return {"remedy": remedy, "depth": depth_, "trained": trained, "first_grad": grad, "ratio_init": ratio}
+
+    detail = [cell("relu_he", 16, "5/5", 0.3, 0.9), cell("relu_glorot", 16, "5/5", 1e-3, 2.0),
+              cell("relu_he", 32, "2/5", 0.2, 0.8), cell("relu_glorot", 32, "0/5", 1e-5, 3.0)]
+    text = depth.conclude(_depth_rows(16, 16), detail)
+    assert "Why: at depth 16 Glorot's first-layer weight gradient at init is 1.0e-03 against He's 3.0e-01" in text
+    assert "One depth deeper (32) He trains 2/5 seeds and Glorot 0/5." in text
+    assert "Why:" not in depth.conclude(_depth_rows(32, 16), detail)

@@ -101,14 +101,23 @@ def summarize(runs: list[Run]) -> object:
             detail.append({"remedy": name, "depth": depth, "trained": f"{ok}/{len(at)}",
                            "final_loss": statistics.median(r.summary["final_loss"] or float("nan") for r in at),
                            "ratio_init": statistics.median(r.summary["grad_ratio_first_last"] for r in at),
-                           "ratio_end": statistics.median(_ratio(r.records.last("weight_grad_norm")) for r in at)})
+                           "ratio_end": statistics.median(_ratio(r.records.last("weight_grad_norm")) for r in at),
+                           "first_grad": statistics.median(_first(r.records.at("weight_grad_norm")) for r in at)})
         rows.append({"remedy": name, "trainable_depth": best, "deepest_tried": max(depths, default=0)})
-    return Result(TITLE, rows, conclude(rows), [(_figure(detail), _caption(detail), "trainable_depth")]) if rows \
+    return Result(TITLE, rows, conclude(rows, detail), [(_figure(detail), _caption(detail), "trainable_depth")]) \
+        if rows \
         else Result(TITLE, rows, "no runs")
 
 
-def conclude(rows: list[dict]) -> str:
-    """Sentences computed from the table: each of the expected orderings, confirmed or contradicted."""
+def _first(values: dict[str, float]) -> float:
+    return next(iter(values.values()), float("nan"))
+
+
+def conclude(rows: list[dict], detail: list[dict] = ()) -> str:
+    """Sentences computed from the table: each of the expected orderings, confirmed or contradicted.
+
+    With the per-depth ``detail``, a tie or reversal of He over Glorot comes with the numbers that explain it.
+    """
     depth = {r["remedy"]: r["trainable_depth"] for r in rows}
 
     def claim(a: str, b: str) -> str:
@@ -119,7 +128,29 @@ def conclude(rows: list[dict]) -> str:
     deep = "trains at depth 64" if depth["residual_norm"] >= 64 else f"stops at depth {depth['residual_norm']}"
     best = max(depth.values())
     winners = ", ".join(n for n, d in depth.items() if d == best)
-    return "; ".join(parts) + f"; residual_norm {deep}. Deepest: {winners} ({best})."
+    text = "; ".join(parts) + f"; residual_norm {deep}. Deepest: {winners} ({best})."
+    if depth["relu_he"] <= depth["relu_glorot"] and detail:
+        text += " " + _why_he_ties(detail, depth["relu_glorot"])
+    return text
+
+
+def _why_he_ties(detail: list[dict], depth: int) -> str:
+    """Why He did not out-train Glorot here, from the runs: gradient size, balance, and one depth deeper."""
+    at = {(d["remedy"], d["depth"]): d for d in detail if d["remedy"] in ("relu_he", "relu_glorot")}
+    he, glorot = at.get(("relu_he", depth)), at.get(("relu_glorot", depth))
+    if not (he and glorot):
+        return ""
+    text = (f"Why: at depth {depth} Glorot's first-layer weight gradient at init is {glorot['first_grad']:.1e} against "
+            f"He's {he['first_grad']:.1e}, yet its first/last ratio is {glorot['ratio_init']:.2g} (He: "
+            f"{he['ratio_init']:.2g}): Glorot halves the forward signal and the backward one per ReLU layer, so every "
+            "weight gradient shrinks by the same factor" + (
+                ", and Adam, which divides each step by the gradient's running RMS, is blind to a common factor."
+                if Spec().replace(**BASE).train.optimizer == "adam" else "."))
+    deeper = min((d for r, d in at if d > depth), default=None)
+    if deeper and ("relu_he", deeper) in at and ("relu_glorot", deeper) in at:
+        text += (f" One depth deeper ({deeper}) He trains {at['relu_he', deeper]['trained']} seeds and Glorot "
+                 f"{at['relu_glorot', deeper]['trained']}.")
+    return text
 
 
 def _figure(detail: list[dict]) -> Figure:
