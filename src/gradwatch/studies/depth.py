@@ -165,9 +165,9 @@ def _figure(detail: list[dict]) -> Figure:
         ax_ratio.plot(xs, [d["ratio_init"] for d in mine], style, marker="o", label=name)
     xs = [d for d in DEPTHS]
     ax_ratio.plot(xs, [theory.sigmoid_bound(d) for d in xs], "k:", label="0.25^L (sigmoid bound)")
-    for name, gain in predicted_gains().items():
-        colour = f"C{list(REMEDIES).index(name) % 10}"
-        ax_ratio.plot(xs, [theory.predicted_ratio(gain, d) for d in xs], ":", color=colour, lw=1)
+    sigmoid = predicted_gains()["sigmoid"]  # its outputs stay O(1), so chi predicts the weight-gradient ratio too
+    ax_ratio.plot(xs, [theory.predicted_ratio(sigmoid, d) for d in xs], ":", color="C0", lw=1,
+                  label="chi^((L-1)/2) (sigmoid, mean field)")
     for ax in (ax_ok, ax_ratio):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("hidden layers (log scale)")
@@ -226,9 +226,11 @@ def _caption(detail: list[dict]) -> str:
     deepest = max(sig, key=lambda d: d["depth"]) if sig else None
     text = ("Left: the share of seeds that reach the target at each depth (a remedy stops deepening once most "
             "seeds fail). Right: first/last weight-gradient norm at initialisation, median over seeds, against "
-            "the sigmoid chain-rule bound 0.25^L; thin dotted lines in a remedy's colour are the mean-field "
-            "prediction chi^((L-1)/2) (Schoenholz et al. 2017) with chi = "
-            + ", ".join(f"{gain:.3g} for {name}" for name, gain in predicted_gains().items()) + ". At init, the "
+            "the sigmoid chain-rule bound 0.25^L. Mean field (Schoenholz et al. 2017) predicts the backpropagated "
+            "signal dL/dh to change by sqrt(chi) per layer, chi = "
+            + ", ".join(f"{gain:.3g} for {name}" for name, gain in predicted_gains().items())
+            + "; for sigmoid (thin dotted line) that is also the weight-gradient ratio drawn here, while ReLU's "
+            "forward signal shrinks by the same chi, so ReLU+Glorot's weight gradients stay balanced. At init, the "
             f"root-mean-square singular value of d h_L / d h_1 at depth {ISOMETRY_DEPTH} (seed 0, 8 inputs; all of "
             "them near 1 is Saxe et al. 2014's dynamical isometry; mean field predicts chi^((L-1)/2)) is "
             + ", ".join(f"{singular_values(name).square().mean().sqrt():.2g} for {name}" for name in ISOMETRY) + ".")
