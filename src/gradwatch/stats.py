@@ -162,8 +162,8 @@ STATS = {
     "grad_mean_abs": mean_abs,
     "grad_max_abs": max_abs,
     "nonfinite": nonfinite,
-    "weight_grad_norm": norm,
-    "state_grad_norm": norm,  # ||dL/dh_t|| of a recurrent net's hidden state at each time step t  # a Dense layer's weight matrix alone, biases left out
+    "weight_grad_norm": norm,  # a Dense layer's weight matrix alone, biases left out
+    "state_grad_norm": norm,  # ||dL/dh_t|| of a recurrent net's hidden state at each time step t
     "weight_norm": norm,
     "update_ratio": update_ratio,
     "backprop_norm": norm,  # norm of dL/d(layer output): the signal itself, not the weights' share
