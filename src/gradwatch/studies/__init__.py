@@ -3,7 +3,8 @@
 A study is a module with ``TITLE``, ``next_jobs(runs) -> [(name, group, spec)]`` (called until it
 returns nothing, so a study can stage its runs, e.g. stop deepening a remedy once it fails) and
 ``summarize(runs) -> Result``. Studies hold no training code: ``run_study`` trains their jobs through
-the sweep runner, stores each Run as it finishes, and reuses stored runs on a re-run.
+the sweep's ``run_many`` (same-shape MLPs as one stacked ensemble), stores each Run as it finishes,
+and reuses stored runs on a re-run.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import import_module
 
+from gradwatch import sweep
 from gradwatch.records import Run
 from gradwatch.store import Store
-from gradwatch.sweep import run_each
 
 
 @dataclass
@@ -69,7 +70,7 @@ def run_study(name: str, store: Store, workers: int | None = None, quick: bool =
             if on_run:
                 on_run(run)
 
-        run_each(fresh, done, workers)
+        sweep.run_many(fresh, done, processes=workers or sweep.workers())  # MLPs of one shape train stacked
     return study.summarize(runs)
 
 

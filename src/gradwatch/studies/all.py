@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from gradwatch import sweep
 from gradwatch.records import Run
 from gradwatch.report.html import Page
 from gradwatch.store import Store
 from gradwatch.studies import STUDIES, Result, demo, module, run_study
-from gradwatch.sweep import run_each
 
 
 def write_page(results: list[Result], out_dir: Path, demo_runs: list[Run] = ()) -> Path:
@@ -59,6 +59,7 @@ def run_all(store: Store, out_dir: Path, workers: int | None = None, quick: bool
         if on_run:
             on_run(run)
 
-    run_each(demo.jobs(epochs=3 if quick else None, seeds=(0,) if quick else demo.SEEDS), keep, workers)
+    sweep.run_many(demo.jobs(epochs=3 if quick else None, seeds=(0,) if quick else demo.SEEDS), keep,
+                   processes=workers or sweep.workers())
     results = [run_study(name, store, workers, quick, on_run) for name in STUDIES]
     return results, write_page(results, out_dir, demo_runs)
