@@ -46,6 +46,7 @@ from gradwatch.sweep import keep_memory  # noqa: E402
 from gradwatch.train import train  # noqa: E402
 
 SEED = Spec()  # the seed experiment is Spec's defaults
+LOOP_RUNS = 3  # loop runs per block: the baseline every ratio divides by gets the most samples
 
 
 def loop(seed: int) -> None:
@@ -114,7 +115,11 @@ def lines(sizes: list[int], full: bool, keras: bool, pool: ProcessPoolExecutor |
     def gradwatch_train(seed: int) -> None:
         train(SEED.replace(**{"train.seed": seed}))
 
-    out = [("loop (baseline)", loop, 1), ("gradwatch.train", gradwatch_train, 1)]
+    def loops(seed: int) -> None:
+        for i in range(LOOP_RUNS):
+            loop(seed + i)
+
+    out = [("loop (baseline)", loops, LOOP_RUNS), ("gradwatch.train", gradwatch_train, 1)]
     for size in sizes:
         out.append((f"ensemble E={size}", ensemble(size, 10), size))
         if full:

@@ -32,6 +32,9 @@ CASES = {
                     for extra in ({}, {"model.activation": "relu", "model.bias_init": 0.1, "model.init_gain": 2.0})],
     "tanh_output_clip_value": [{"model.output_activation": "tanh", "train.clip_value": 0.01, "train.seed": s}
                                for s in (0, 1)],
+    "linear_output": [{"model.output_activation": "linear", "model.activation": a} for a in ("relu", "tanh")],
+    "softmax_digits": [{"data.name": "digits", "model.output_activation": "softmax", "train.seed": s}
+                       for s in (0, 1)],
 }
 
 
@@ -93,3 +96,15 @@ def test_members_of_different_shapes_are_refused_with_the_field_named():
         train_many([TINY, TINY.replace(**{"model.depth": 2})])
     assert shape_key(TINY) == shape_key(TINY.replace(**{"model.activation": "relu", "train.seed": 5}))
     assert shape_key(TINY) != shape_key(TINY.replace(**{"model.activation": "prelu"}))  # slopes are parameters
+
+
+def test_cheaper_cadences_keep_the_same_values_on_fewer_rows_and_the_same_summary():
+    spec = TINY.replace(**{"train.epochs": 3})
+    full, thin = train_many([spec])[0], train_many([spec], thin=3, evaluate_every=2)[0]
+    rows = {r[:4]: r[4] for r in full.records.rows}
+    kept = {r[:4]: r[4] for r in thin.records.rows}
+    assert kept.items() <= rows.items()  # the same computation, only fewer rows of it
+    assert {k[0] for k in kept if k[3] == "grad_norm"} == {k[0] for k in rows if k[3] == "grad_norm" and k[0] % 3 == 0}
+    assert sorted({k[1] for k in kept if k[3] == "test_loss"}) == [0, 2]  # every 2nd epoch, and the last
+    assert [k for k in kept if k[3] == "loss"] == [k for k in rows if k[3] == "loss"]
+    assert thin.summary == full.summary

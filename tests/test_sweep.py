@@ -21,8 +21,8 @@ from gradwatch.train import train
 TINY = {"data": {"n_samples": 48}, "model": {"depth": 2, "width": 4}, "train": {"epochs": 2, "batch_size": 16}}
 STUDY = {"name": "tiny", "base": TINY, "grid": {"model.activation": ["sigmoid", "relu"], "train.seed": [0, 1, 2]}}
 # long enough that a kill lands mid-sweep: 32 runs in ensembles of 2, each run committed on its own
-LONG = {"name": "long", "base": TINY, "chunk": 2, "grid": {"model.activation": ["sigmoid", "relu"],
-                                                           "train.seed": list(range(16))}}
+LONG = {"name": "long", "base": {**TINY, "train": {"epochs": 100, "batch_size": 16}}, "chunk": 2,
+        "grid": {"model.activation": ["sigmoid", "relu"], "train.seed": list(range(16))}}
 
 
 def write(path, study: dict):

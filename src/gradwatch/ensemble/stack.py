@@ -28,40 +28,85 @@ def spans(values: list) -> list[tuple]:
 class Stack:
     """E members' MLPs as stacked weights; ``forward`` maps (E, F, B) to (E, n_out, B) pre-activations.
 
+    Storage is layer-major: one flat buffer holds, per layer (module with parameters, input to
+    output), a contiguous (E, n_layer) block; a Dense layer's block is (E, out, in + 1), its weight
+    with its bias as the last column, so a batched matmul against inputs with a row of ones adds the
+    bias for free (fast.py) and the weight gradient lands in the gradient buffer without a copy.
     Members must come sorted by activation (``train_many`` sorts them), so that each activation
     applies to one contiguous slice of the member axis.
     """
 
     def __init__(self, specs: Sequence[Spec], n_in: int, n_out: int):
-        nets = []
-        for spec in specs:
-            torch.manual_seed(spec.train.seed)  # as train.Training does before nets.build
-            nets.append(build(spec.model, n_in, n_out))
-        net, E = nets[0], len(nets)
+        rows: dict[str, list[Tensor]] = {}  # module -> each member's block
+        buffers: dict[str, list[Tensor]] = {}  # batch norm's running statistics
+        for spec in specs:  # one net at a time: E whole nn.Modules alive at once cost more than the nets
+            # torch.manual_seed's CPU part, as train.Training seeds before nets.build (the rest seeds
+            # CUDA/XPU lazily and formats a stack trace per call: a fifth of this loop's time)
+            torch.default_generator.manual_seed(spec.train.seed)
+            net = build(spec.model, n_in, n_out)
+            for name, module in net.named_modules():
+                if any(True for _ in module.parameters(recurse=False)):
+                    rows.setdefault(name, []).append(_row(module))
+            for name, b in net.named_buffers():
+                if b.is_floating_point():
+                    buffers.setdefault(name, []).append(b)
+        E, owners = len(specs), list(rows)
         self.depth, self.norm, self.n = net.depth, specs[0].model.norm, E
-        self.flat = torch.stack([torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in nets])  # (E, P)
-        self.grad = torch.zeros_like(self.flat)  # (E, P)
+        rows = {name: torch.stack(r) for name, r in rows.items()}  # (E, n)
+        self.flat = torch.cat([r.reshape(-1) for r in rows.values()])  # (E * P,): every block back to back
+        self.grad = torch.zeros_like(self.flat)
+        self.layers = dict(zip(owners, self._blocks(self.flat, rows), strict=True))  # module -> (E, n) block
+        self.grads = dict(zip(owners, self._blocks(self.grad, rows), strict=True))
+        self.dense = {name: self.layers[name].view(E, *_augmented(net.get_submodule(name)))
+                      for name in owners if _augmented(net.get_submodule(name))}  # module -> (E, out, in + 1)
         self.p: dict[str, Tensor] = {}  # parameter name -> leaf view: (E, out, in) matrices, (E, n, 1) vectors
-        self.layers: dict[str, slice] = {}  # module name -> its columns of flat, input to output
+        for name in owners:
+            for param, view, grad in zip(*self._params(net, name), strict=True):
+                self.p[f"{name}.{param}"] = view.requires_grad_()
+                view.grad = grad  # backward adds into the gradient buffer in place
         self.matrices = [name for name, p in net.named_parameters() if p.dim() == 2]  # Dense weights
         self.kinds = {name: type(m).__name__ for name, m in net.named_modules()}  # activations: member 0's
-        start = 0
-        for name, param in net.named_parameters():
-            stop = start + param.numel()
-            shape = (E, *param.shape) if param.dim() == 2 else (E, param.numel(), 1)
-            self.p[name] = self.flat[:, start:stop].view(shape).requires_grad_()
-            self.p[name].grad = self.grad[:, start:stop].view(shape)  # backward adds into it in place
-            module = name.rsplit(".", 1)[0]
-            self.layers[module] = slice(self.layers.get(module, slice(start, stop)).start, stop)
-            start = stop
-        self.buffers = {name: torch.stack([dict(m.named_buffers())[name] for m in nets])  # (E, H)
-                        for name, b in net.named_buffers() if b.is_floating_point()}
+        self.buffers = {name: torch.stack(b) for name, b in buffers.items()}  # (E, H)
         norm = getattr(net, "norm1", None)
         self.eps, self.momentum = getattr(norm, "eps", 1e-5), getattr(norm, "momentum", 0.1)
         self.groups = spans([s.model.activation for s in specs])  # (activation, member slice)
         self.fns = {name: ACTIVATIONS[name]() for name, _ in self.groups}
         residual = torch.tensor([s.model.residual for s in specs])
         self.residual = bool(residual[0]) if residual.all() or not residual.any() else residual.view(E, 1, 1)
+
+    def _blocks(self, buffer: Tensor, rows: dict[str, Tensor]) -> list[Tensor]:
+        sizes = [r.numel() for r in rows.values()]
+        return [b.view(self.n, -1) for b in buffer.split(sizes)]
+
+    def _params(self, net, name: str) -> tuple[list[str], list[Tensor], list[Tensor]]:
+        """A module's parameter names with their views into the parameter and gradient blocks."""
+        module, E = net.get_submodule(name), self.n
+        names = [n for n, _ in module.named_parameters(recurse=False)]
+        if name in self.dense:  # weight = all but the last column, bias = the last column
+            aug, grad = self.dense[name], self.grads[name].view(self.dense[name].shape)
+            return names, [aug[:, :, :-1], aug[:, :, -1:]], [grad[:, :, :-1], grad[:, :, -1:]]
+        sizes = [p.numel() for _, p in module.named_parameters(recurse=False)]
+        cut = lambda block: [v.reshape(E, -1, 1) for v in block.split(sizes, 1)]  # noqa: E731
+        return names, cut(self.layers[name]), cut(self.grads[name])
+
+    # --- the member axis across blocks ----------------------------------------------------------
+    def views(self, buffer: Tensor) -> list[Tensor]:
+        """One (E, n_layer) view per layer, input to output, of a buffer laid out like ``flat``."""
+        return [b.view(self.n, -1) for b in buffer.split([v.numel() for v in self.layers.values()])]
+
+    def member_norms(self, buffer: Tensor) -> Tensor:
+        """Each member's L2 norm over all of its layers: (E,)."""
+        return torch.stack([v.square().sum(1) for v in self.views(buffer)]).sum(0).sqrt()
+
+    def member(self, buffer: Tensor, e: int) -> Tensor:
+        """A copy of member ``e``'s entries of ``buffer``, in layer order."""
+        return torch.cat([v[e] for v in self.views(buffer)])
+
+    def set_member_(self, buffer: Tensor, e: int, values: Tensor | float) -> None:
+        sizes = [v.shape[1] for v in self.layers.values()]
+        parts = values.split(sizes) if isinstance(values, Tensor) else [values] * len(sizes)
+        for view, part in zip(self.views(buffer), parts, strict=True):
+            view[e] = part
 
     def forward(self, x: Tensor, train: bool = True, taps: dict[str, Tensor] | None = None) -> Tensor:
         """(E, F, B) -> (E, n_out, B); ``taps`` (sampled steps) collects each module's output by name."""
@@ -102,6 +147,18 @@ class Stack:
                          train, self.momentum, self.eps)
         return y.view(E, H, B)
 
-    def views(self, buffer: Tensor) -> list[Tensor]:
-        """One (E, n_layer) view of an (E, P) buffer per layer, input to output."""
-        return [buffer[:, part] for part in self.layers.values()]
+
+def _augmented(module) -> tuple[int, int] | None:
+    """(out, in + 1) for a Dense layer (a 2-D weight and a bias), else None."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if isinstance(weight, Tensor) and weight.dim() == 2 and isinstance(bias, Tensor):
+        return weight.shape[0], weight.shape[1] + 1
+    return None
+
+
+def _row(module) -> Tensor:
+    """One member's block of a layer: [weight | bias] for a Dense layer, else its parameters in order."""
+    with torch.no_grad():
+        if _augmented(module):
+            return torch.cat([module.weight, module.bias[:, None]], 1).reshape(-1)
+        return torch.cat([p.reshape(-1) for p in module.parameters(recurse=False)])

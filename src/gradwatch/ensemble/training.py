@@ -14,10 +14,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.func import vmap
 
 from gradwatch.data import check_output, load
+from gradwatch.ensemble.fast import Manual, supports
 from gradwatch.ensemble.stack import Stack, spans
 from gradwatch.nets import OUTPUTS, RECTIFIERS, SATURATING
 from gradwatch.spec import Spec
@@ -25,6 +27,16 @@ from gradwatch.stats import STATS, Layout, percent_change, seed_gradient
 
 BETAS, EPS = (0.9, 0.999), 1e-7  # torch Adam's betas with Keras's epsilon, as train.make_optimizer
 TRACE = 4  # first-layer weights traced per epoch, as train.TRACE
+
+# output activation -> nets.OUTPUTS's loss per member, (E,): the mean over the member's own batch of
+# z (E, B, n_out) against y, from the same elementwise kernels. vmap(loss) gives the same for any
+# other output, at ~200 us more per step (tests/test_ensemble.py compares every output with train()).
+MEMBER_LOSSES = {
+    "sigmoid": lambda z, y: F.binary_cross_entropy_with_logits(z, y, reduction="none").flatten(1).mean(1),
+    "softmax": lambda z, y: F.cross_entropy(z.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1),
+    "tanh": lambda z, y: F.mse_loss(torch.tanh(z), 2 * y - 1, reduction="none").flatten(1).mean(1),
+    "linear": lambda z, y: F.mse_loss(z, y, reduction="none").flatten(1).mean(1),
+}
 
 # (step, epoch, stat, layer names, values (layers, members), member slice or None for all members)
 Block = tuple[int, int, str, tuple[str, ...], Tensor, slice | None]
@@ -43,8 +55,9 @@ class Ensemble:
             raise ValueError(f"data.name: got {spec.data.name!r}; allowed: tabular data for model.kind=mlp")
         self.stack = Stack(specs, self.data.x_train.shape[1], self.data.n_outputs)
         E, stack = len(specs), self.stack
+        self.manual = Manual(stack, self.data.x_train.shape[1]) if supports(stack) else None  # else autograd
         self.loss_fn, self.predict = OUTPUTS[spec.model.output_activation]
-        self.member_loss = vmap(self.loss_fn)  # per member: the mean over its own batch, (E,)
+        self.member_loss = MEMBER_LOSSES.get(spec.model.output_activation, vmap(self.loss_fn))  # z, y -> (E,)
         self.shared_loss = vmap(self.loss_fn, in_dims=(0, None))
         self.x = self.data.x_train.t().contiguous()  # (F, N)
         rates = [s.train.learning_rate for s in specs]
@@ -52,7 +65,7 @@ class Ensemble:
         self.rates = spans(rates)  # (learning rate, member slice)
         self.alive = torch.ones(E)  # (E,): 0 for retired members, whose gradients are then exactly 0
         if spec.train.optimizer == "adam":
-            self.m, self.v = torch.zeros_like(stack.flat), torch.zeros_like(stack.flat)  # (E, P) each
+            self.m, self.v = torch.zeros_like(stack.flat), torch.zeros_like(stack.flat)  # laid out as flat
             self.adam_step = torch.zeros(())  # torch Adam's float32 step count
         seeds = sorted({s.train.seed for s in specs})
         self.orders = [torch.Generator().manual_seed(seed) for seed in seeds]  # one shuffle per distinct seed
@@ -109,23 +122,16 @@ class Ensemble:
 
     def _step(self, x: Tensor, y: Tensor, first: bool) -> tuple[Tensor, Tensor | None]:
         stack, sampled = self.stack, self.step % self.every == 0
-        taps: dict[str, Tensor] | None = {} if sampled else None
-        z = stack.forward(x, True, taps)  # (E, n_out, B)
-        loss = self.member_loss(z.transpose(1, 2), y)  # (E,)
-        if taps:
-            for name in self.signal:
-                taps[name].retain_grad()
-        stack.grad.zero_()
-        (loss * self.alive).sum().backward()
+        loss, taps, grads = (self._by_hand if self.manual else self._by_autograd)(x, y, sampled)
         if first:  # the Dense weight-matrix gradients, before clipping (train._record_weight_grads)
-            grads = [stack.p[n].grad for n in self.dense]
+            matrices = [stack.p[n].grad for n in self.dense]
             self._push("weight_grad_norm", self.dense_layers,
-                       STATS["weight_grad_norm"](grads, self.dense_layout, members=True))
+                       STATS["weight_grad_norm"](matrices, self.dense_layout, members=True))
         total = self._clip()
         self._record_grads(sampled)
-        if taps:
-            self._record_taps(taps)
-        before = stack.flat.clone() if sampled else None  # (E, P)
+        if sampled:
+            self._record_taps(taps, grads)
+        before = stack.flat.clone() if sampled else None
         with torch.no_grad():
             self._update()
         if before is not None:
@@ -134,30 +140,60 @@ class Ensemble:
         self.step += 1
         return loss.detach(), total
 
+    def _by_autograd(self, x: Tensor, y: Tensor, sampled: bool) -> tuple[Tensor, dict, dict]:
+        """Loss (E,) and, on sampled steps, module outputs and dL/d(output) by name; gradients in stack.grad."""
+        taps: dict[str, Tensor] | None = {} if sampled else None
+        z = self.stack.forward(x, True, taps)  # (E, n_out, B)
+        loss = self.member_loss(z.transpose(1, 2), y)  # (E,)
+        for name in self.signal if sampled else ():
+            taps[name].retain_grad()
+        self.stack.grad.zero_()
+        (loss * self.alive).sum().backward()
+        return loss, taps, {name: taps[name].grad for name in self.signal} if sampled else {}
+
+    def _by_hand(self, x: Tensor, y: Tensor, sampled: bool) -> tuple[Tensor, dict, dict]:
+        """``_by_autograd``'s results from fast.Manual; autograd only for the loss."""
+        buf = self.manual.forward(x)
+        z = buf["z"][-1].detach().requires_grad_()  # (E, n_out, B): a leaf over the output buffer
+        loss = self.member_loss(z.transpose(1, 2), y)  # (E,)
+        (loss * self.alive).sum().backward()
+        self.manual.backward(buf, z.grad)
+        if not sampled:
+            return loss, {}, {}
+        names = self.manual.names
+        taps = {**dict(zip(names, buf["z"], strict=True)),
+                **{f"act{i}": a for i, a in enumerate(buf["a"], 1)}}
+        return loss, taps, {**dict(zip(names, buf["dz"], strict=False)), "out": z.grad}
+
     def _clip(self) -> Tensor | None:
         """Clip each member's gradient as ``train.clip_`` does; returns its norm before clipping, (E,)."""
         g, t, total = self.stack.grad, self.train_spec, None
         if t.clip_norm is not None:
-            total = torch.linalg.vector_norm(g, dim=1)  # (E,)
-            g.mul_((t.clip_norm / (total + 1e-6)).clamp(max=1.0)[:, None])  # clip_grad_norm_'s coefficient
+            total = self.stack.member_norms(g)  # (E,)
+            coef = (t.clip_norm / (total + 1e-6)).clamp(max=1.0)[:, None]  # clip_grad_norm_'s coefficient
+            for view in self.stack.views(g):
+                view.mul_(coef)
         if t.clip_value is not None:
             g.clamp_(-t.clip_value, t.clip_value)
         return total
 
     def _update(self) -> None:
-        """Adam (torch's fused kernel, as ``Adam(fused=True)``) or SGD on the whole (E, P) buffer.
+        """Adam (torch's fused kernel, as ``Adam(fused=True)``) or SGD, one call per run of equal learning rates.
 
-        Adam is elementwise, so one call per run of members with equal learning rates is exact.
+        Both are elementwise, so running them on many members' stacked weights at once is exact.
         """
-        p, g = self.stack.flat, self.stack.grad
-        if self.train_spec.optimizer != "adam":
-            p.addcmul_(g, self.lr[:, :, 0], value=-1.0)  # p - lr g, as SGD's add_(g, alpha=-lr)
-            return
-        self.adam_step += 1
+        stack, adam = self.stack, self.train_spec.optimizer == "adam"
+        whole = len(self.rates) == 1  # one learning rate: the flat buffers themselves
+        buffers = (stack.flat, stack.grad, self.m, self.v) if adam else (stack.flat, stack.grad)
+        if adam:
+            self.adam_step += 1
         for lr, part in self.rates:
-            torch._fused_adam_([p[part]], [g[part]], [self.m[part]], [self.v[part]], [], [self.adam_step], lr=lr,
-                               beta1=BETAS[0], beta2=BETAS[1], weight_decay=0.0, eps=EPS, amsgrad=False,
-                               maximize=False)
+            ps, gs, *state = ([b] for b in buffers) if whole else ([v[part] for v in stack.views(b)] for b in buffers)
+            if adam:
+                torch._fused_adam_(ps, gs, *state, [], [self.adam_step] * len(ps), lr=lr, beta1=BETAS[0],
+                                   beta2=BETAS[1], weight_decay=0.0, eps=EPS, amsgrad=False, maximize=False)
+            else:
+                torch._foreach_add_(ps, gs, alpha=-lr)  # as SGD's param.add_(grad, alpha=-lr)
 
     # --- statistics -------------------------------------------------------------------------------
     def _push(self, stat: str, names: tuple[str, ...], values: Tensor, part: slice | None = None) -> None:
@@ -173,13 +209,13 @@ class Ensemble:
             for stat in ("grad_max_abs", "grad_mean_abs", "nonfinite"):
                 self._push(stat, self.names, STATS[stat](grads, self.layout, members=True))
 
-    def _record_taps(self, taps: dict[str, Tensor]) -> None:
+    def _record_taps(self, taps: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
         """Sampled-step forward/backward statistics, taken where the watcher's module hooks take them."""
         outs = [taps[n].detach() for n in self.signal]
         layout = Layout.of([[o] for o in outs], members=True)
         self._push("act_rms", self.signal, STATS["act_rms"](outs, layout, members=True))
-        grads = [taps[n].grad for n in self.signal]
-        self._push("backprop_norm", self.signal, STATS["backprop_norm"](grads, layout, members=True))
+        back = [grads[n] for n in self.signal]
+        self._push("backprop_norm", self.signal, STATS["backprop_norm"](back, layout, members=True))
         acts = tuple(f"act{i}" for i in range(1, self.stack.depth + 1))
         for name, part in self.stack.groups:
             kind = type(self.stack.fns[name]).__name__
@@ -250,16 +286,17 @@ class Ensemble:
     def _set_aside(self, e: int) -> None:
         """Keep a retired member's state for its summary; zero its row so it computes harmless zeros."""
         stack = self.stack
-        self.kept[e] = (stack.flat[e].clone(), {k: b[e].clone() for k, b in stack.buffers.items()})
-        stack.flat[e] = 0  # finite, so the zero gradient that reaches it stays exactly 0
+        self.kept[e] = (stack.member(stack.flat, e), {k: b[e].clone() for k, b in stack.buffers.items()})
+        stack.set_member_(stack.flat, e, 0.0)  # finite, so the zero gradient that reaches it stays exactly 0
         self.alive[e] = 0
         if self.train_spec.optimizer == "adam":
-            self.m[e], self.v[e] = 0, 0  # Adam then moves it by 0 / (0 + eps) = 0
+            for state in (self.m, self.v):  # Adam then moves it by 0 / (0 + eps) = 0
+                stack.set_member_(state, e, 0.0)
 
     @torch.no_grad()
     def restore(self) -> None:
         """Put every retired member's kept state back, for the summary and decision boundary."""
         for e, (flat, buffers) in self.kept.items():
-            self.stack.flat[e] = flat
+            self.stack.set_member_(self.stack.flat, e, flat)
             for k, b in buffers.items():
                 self.stack.buffers[k][e] = b

@@ -1,0 +1,114 @@
+"""Manual: a plain stacked MLP's forward and backward by hand, in preallocated buffers.
+
+For ensembles without norm layers or PReLU (the seed experiment and most sweeps) a step skips
+autograd: the bias rides in the batched matmul (each layer's input carries a row of ones, its weight
+block the bias as last column), weight gradients are written straight into the gradient buffer, and
+no activation is allocated or copied twice. It computes what autograd computes, with the kernels
+``nn``'s modules and their derivative formulas call (``sigmoid_backward``, ``threshold_backward``,
+...; torch's derivatives.yaml), in about 60% of autograd's time for the seed's nets.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gradwatch.ensemble.stack import Stack
+
+aten, nn_ops = torch.ops.aten, torch._C._nn
+SELU = (1.6732632423543772848170429916717, 1.0507009873554804934193349852946)  # aten's alpha and scale
+
+# activation module -> (forward(module, z, out), backward(module, grad, z, a, out)). An activation
+# missing here trains through autograd (Stack.forward), so a new entry in nets.ACTIVATIONS needs none.
+ACTS = {
+    "Sigmoid": (lambda m, z, out: torch.sigmoid(z, out=out),
+                lambda m, g, z, a, out: aten.sigmoid_backward.grad_input(g, a, grad_input=out)),
+    "Tanh": (lambda m, z, out: torch.tanh(z, out=out),
+             lambda m, g, z, a, out: aten.tanh_backward.grad_input(g, a, grad_input=out)),
+    "ReLU": (lambda m, z, out: torch.clamp_min(z, 0, out=out),  # aten's relu is clamp_min(x, 0)
+             lambda m, g, z, a, out: aten.threshold_backward.grad_input(g, a, 0, grad_input=out)),
+    "LeakyReLU": (lambda m, z, out: nn_ops.leaky_relu(z, m.negative_slope, out=out),
+                  lambda m, g, z, a, out: aten.leaky_relu_backward.grad_input(g, z, m.negative_slope, False,
+                                                                              grad_input=out)),
+    "ELU": (lambda m, z, out: nn_ops.elu(z, m.alpha, 1.0, 1.0, out=out),
+            lambda m, g, z, a, out: aten.elu_backward.grad_input(g, m.alpha, 1.0, 1.0, False, z, grad_input=out)),
+    "SELU": (lambda m, z, out: nn_ops.elu(z, *SELU, 1.0, out=out),  # aten's selu is elu(x, alpha, scale)
+             lambda m, g, z, a, out: aten.elu_backward.grad_input(g, *SELU, 1.0, False, z, grad_input=out)),
+    "GELU": (lambda m, z, out: nn_ops.gelu(z, approximate=m.approximate, out=out),
+             lambda m, g, z, a, out: aten.gelu_backward.grad_input(g, z, approximate=m.approximate, grad_input=out)),
+    "Identity": (lambda m, z, out: out.copy_(z), lambda m, g, z, a, out: out.copy_(g)),
+}
+
+
+def supports(stack: Stack) -> bool:
+    """Whether ``Manual`` can train this stack: Dense layers and ACTS activations only."""
+    return set(stack.layers) == set(stack.dense) and all(type(m).__name__ in ACTS for m in stack.fns.values())
+
+
+class Manual:
+    """Forward and backward of a Stack without autograd; one set of buffers per batch size."""
+
+    def __init__(self, stack: Stack, n_in: int):
+        self.stack, self.n_in = stack, n_in
+        self.names = list(stack.dense)  # dense1 .. denseL, out
+        self.sets: dict[int, dict[str, list[Tensor]]] = {}
+        self.acts = [(stack.fns[name], *ACTS[type(stack.fns[name]).__name__], part) for name, part in stack.groups]
+
+    def _buffers(self, size: int) -> dict[str, list[Tensor]]:
+        """Per layer l: input h (E, in + 1, B) with a row of ones, output z (E, out, B), activation a,
+        and the gradients dz (E, out, B) and dh (E, in, B)."""
+        if size not in self.sets:
+            E, blocks = self.stack.n, [self.stack.dense[n] for n in self.names]
+            h = [torch.ones(E, b.shape[2], size) for b in blocks]
+            z = [torch.empty(E, b.shape[1], size) for b in blocks]
+            # the activation goes straight into the next input unless a skip connection adds to it there
+            a = [torch.empty_like(z[i]) if self._skips(i) else h[i + 1][:, :-1] for i in range(len(blocks) - 1)]
+            dz = [torch.empty_like(t) for t in z[:-1]]
+            dh = [torch.empty(E, b.shape[2] - 1, size) for b in blocks]
+            self.sets[size] = {"h": h, "z": z, "a": a, "dz": dz, "dh": dh}
+        return self.sets[size]
+
+    def _skips(self, i: int) -> bool:
+        """Whether block i + 1 (dense{i+1}) adds its input back: residual members and matching widths."""
+        width_in = self.n_in if i == 0 else self.stack.dense[self.names[i - 1]].shape[1]
+        return self.stack.residual is not False and width_in == self.stack.dense[self.names[i]].shape[1]
+
+    def forward(self, x: Tensor) -> dict[str, list[Tensor]]:
+        """x (E, F, B) -> the buffers, the output's pre-activations in ``z[-1]``: (E, n_out, B)."""
+        buf = self._buffers(x.shape[2])
+        h, z, a = buf["h"], buf["z"], buf["a"]
+        h[0][:, :-1].copy_(x)
+        for i, name in enumerate(self.names):
+            torch.bmm(self.stack.dense[name], h[i], out=z[i])  # [W | b] @ [h; 1] = W h + b
+            if i == len(a):
+                break
+            for module, forward, _, part in self.acts:
+                forward(module, z[i][part], a[i][part])
+            if self._skips(i):
+                torch.add(h[i][:, :-1], a[i], out=h[i + 1][:, :-1])
+                if self.stack.residual is not True:  # members differ: (E, 1, 1) mask
+                    torch.where(self.stack.residual, h[i + 1][:, :-1], a[i], out=h[i + 1][:, :-1])
+        return buf
+
+    def backward(self, buf: dict[str, list[Tensor]], grad_out: Tensor) -> None:
+        """From dL/dz of the output layer (E, n_out, B), every layer's [dW | db] into ``stack.grads``."""
+        h, z, a, dz, dh = (buf[k] for k in ("h", "z", "a", "dz", "dh"))
+        g, carry = grad_out, None
+        for i in range(len(self.names) - 1, -1, -1):
+            block = self.stack.dense[self.names[i]]
+            torch.bmm(g, h[i].transpose(1, 2), out=self.stack.grads[self.names[i]].view(block.shape))
+            if i == 0:
+                break
+            torch.bmm(block[:, :, :-1].transpose(1, 2), g, out=dh[i])  # dL/d(input of layer i)
+            if carry is not None:
+                dh[i].add_(carry)
+            carry = self._carry(i - 1, dh[i])
+            for module, _, backward, part in self.acts:
+                backward(module, dh[i][part], z[i - 1][part], a[i - 1][part], dz[i - 1][part])
+            g = dz[i - 1]
+
+    def _carry(self, i: int, grad: Tensor) -> Tensor | None:
+        """The gradient a skip connection of block i + 1 passes straight to that block's input."""
+        if not self._skips(i):
+            return None
+        return grad if self.stack.residual is True else torch.where(self.stack.residual, grad, 0.0)
