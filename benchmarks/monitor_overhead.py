@@ -5,7 +5,9 @@ Two models, each trained with Adam: (a) an MLP with 20 hidden layers of 256 unit
 initial weights) and stays attached for the whole run; blocks of steps of every monitor are
 interleaved in one process, in a shuffled order per repeat, so drift on a shared machine hits them
 all alike. A monitor's overhead is the median over repeats of its block time divided by the bare
-block time of the same repeat; the quartiles of those ratios are printed beside it.
+block time of the same repeat; the quartiles of those ratios are printed beside it. A second
+unwatched copy (``twin``) is timed the same way: its ratio is the noise floor, what two identical
+models differ by here (memory placement, cache, neighbours), against which a small overhead is read.
 
 Anchors, as the same loop would use them:
 
@@ -58,6 +60,7 @@ def cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 
 MODELS = {"mlp": mlp, "cnn": cnn}
+ALWAYS = ("bare", "twin", "gradwatch")  # timed in every repeat; the anchors in the first few
 
 
 # --- monitors: (model, optimizer, folder) -> (detach, called after each step or None) ------------
@@ -126,9 +129,11 @@ def _naive(model, optimizer, folder):
     return (lambda: [h.remove() for h in handles]), None
 
 
-MONITORS = {"bare": _bare, "gradwatch": _gradwatch, "tensorboard": _tensorboard, "wandb": _wandb, "naive": _naive}
+MONITORS = {"bare": _bare, "twin": _bare, "gradwatch": _gradwatch, "tensorboard": _tensorboard, "wandb": _wandb,
+            "naive": _naive}
 LABELS = {
     "bare": "no monitor",
+    "twin": "no monitor, a second copy (the noise floor)",
     "gradwatch": "gradwatch watch(model, opt), every=10",
     "tensorboard": "TensorBoard add_histogram, every param, every step",
     "wandb": 'wandb.watch(log="all", log_freq=1), offline',
@@ -182,7 +187,7 @@ def measure(model_name: str, names: list[str], repeats: int, block: int, anchor_
     order = random.Random(0)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for r in range(repeats):
-        chosen = [n for n in names if n in ("bare", "gradwatch") or r < anchor_repeats]
+        chosen = [n for n in names if n in ALWAYS or r < anchor_repeats]
         order.shuffle(chosen)
         for name in chosen:
             gc.collect()
@@ -226,7 +231,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     anchors = [a for a in args.anchors.split(",") if a]
     missing = [a for a in anchors if not available(a)]
-    names = ["bare", "gradwatch", *[a for a in anchors if a not in missing]]
+    names = [*ALWAYS, *[a for a in anchors if a not in missing]]
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU only (GPU not measured); "
           f"blocks of {args.block} steps, {args.repeats} repeats ({args.anchor_repeats} with anchors)")
     print("ratio = monitored block time / bare block time of the same repeat; median and quartiles over repeats")

@@ -20,7 +20,7 @@ from gradwatch.studies.all import write_page
 COLUMNS = {
     "depth": {"remedy", "trainable_depth", "deepest_tried"},
     "dying-relu": {"activation", "final_loss", "dead_at_start", "dead_at_end"},
-    "exploding": {"arm", "finished", "final_loss", "peak_norm_before_clip"},
+    "exploding": {"arm", "finished", "final_loss", "peak_grad_norm"},
     "output-activation": {"output", "first_grad_init", "log10_first_grad_sd", "ratio_first_last", "final_loss",
                           "accuracy"},
     "width-vs-depth": {"activation", "shape", "parameters", "final_loss", "loss_min", "loss_max", "accuracy",
@@ -87,6 +87,10 @@ def test_exploding_conclusion_follows_the_data():
             {"arm": "mlp_clip_value", "finished": "2/3"}]
     text = exploding.conclude(rows)
     assert "diverges (NaN) in every seed" in text and "clip_norm make every seed finish" in text
+    rows[1]["final_loss"] = 0.05
+    assert "and they learn (median final loss clip_norm 0.05" in exploding.conclude(rows)
+    rows[1]["final_loss"] = 0.99
+    assert "finishing is not learning" in exploding.conclude(rows)
     rows[1]["finished"] = "1/3"
     assert "clipping does not save every seed" in exploding.conclude(rows)
 

@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -165,3 +166,9 @@ def test_ray_backend_stores_what_the_local_backend_stores(tmp_path):
         assert [r[:4] for r in mine] == [r[:4] for r in other]
         assert all(math.isclose(a[4], b[4], rel_tol=1e-6, abs_tol=1e-9) or a[4] != a[4]
                    for a, b in zip(mine, other, strict=True))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_example_studies_load(path):
+    study = sweep.load_study(path)
+    assert study.jobs and len({spec.key() for *_, spec in study.jobs}) == len(study.jobs)

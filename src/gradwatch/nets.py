@@ -69,7 +69,7 @@ OUTPUTS: dict[str, tuple[Callable, Callable]] = {
     "sigmoid": (_bce, lambda z: (z > 0).float()),
     "softmax": (F.cross_entropy, lambda z: z.argmax(-1)),
     "tanh": (_tanh_mse, lambda z: (z > 0).float()),
-    "linear": (F.mse_loss, lambda z: z),
+    "linear": (F.mse_loss, lambda z: (z > 0.5).float()),  # binary targets 0/1: the midpoint; regression has none
 }
 
 

@@ -6,8 +6,8 @@ one ``train`` each), locally in this process or as Ray tasks (``backend="ray"``,
 ``address`` or a local Ray). ``run_study`` does it for a study file (``gradwatch sweep STUDY.yaml``):
 a base spec, a grid and/or a list over any spec field, validated whole before any run starts, each
 finished run committed in its own transaction, keys already stored skipped, so a sweep killed at any
-moment (SIGKILL, Ctrl-C) resumes without losing or repeating a run. ``run_each`` is the older
-process-pool runner of one ``train`` per job.
+moment (SIGKILL, Ctrl-C) resumes without losing or repeating a run. ``run_each`` runs one ``train``
+per job over a process pool: the demo's path, where every run goes through the watcher as a user's does.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def table(runs: list[Run]) -> list[dict]:
     """One row per task and cell: test loss over chance per length (median, seeds learned), and its reach.
 
     ``learns_up_to`` is the longest length before the first one where most seeds fail to learn (0: none);
-    ``stops_at`` is that first failing length (0: it learned at every length it ran).
+    ``stops_at`` is that first failing length ("-": it learned at every length it ran).
     """
     rows = []
     lengths = sorted({_length(r) for r in runs})
@@ -110,9 +110,9 @@ def table(runs: list[Run]) -> list[dict]:
                 ok = sum(score(r) <= LEARNED for r in at)
                 row[f"T={length}"] = f"{statistics.median(map(score, at)):.2f} ({ok}/{len(at)})" if at else "-"
             fails = [x for x, at in tried.items() if at and not learned(at)]
-            row["stops_at"] = min(fails, default=0)
-            row["learns_up_to"] = max((x for x, at in tried.items() if at and x < (row["stops_at"] or math.inf)),
-                                      default=0)
+            stop = min(fails, default=math.inf)
+            row["stops_at"] = "-" if stop == math.inf else stop
+            row["learns_up_to"] = max((x for x, at in tried.items() if at and x < stop), default=0)
             rows.append(row)
     return rows
 
@@ -131,7 +131,7 @@ def _reach(row: dict) -> str:
     if not row["learns_up_to"]:
         return f"{row['cell']} does not learn even at T={row['stops_at']}"
     return f"{row['cell']} learns up to T={row['learns_up_to']}" + (
-        f" and stops at T={row['stops_at']}" if row["stops_at"] else "")
+        f" and stops at T={row['stops_at']}" if row["stops_at"] != "-" else "")
 
 
 def conclude(rows: list[dict], gap: tuple[int, float] | None) -> str:
