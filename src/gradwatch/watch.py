@@ -28,7 +28,7 @@ from torch.autograd import Variable
 from gradwatch.diagnose import diagnose as _diagnose
 from gradwatch.nets import RECTIFIERS, SATURATING
 from gradwatch.records import Records, Run
-from gradwatch.stats import STATS, Layout, layer_norms, tensor_norms, update_ratio_
+from gradwatch.stats import STATS, Layout, dead_of_ranges, layer_norms, tensor_norms, unit_range, update_ratio_
 
 PROBED = ("act_rms", "backprop_norm", "saturated_frac", "dead_frac")  # from module hooks, on sampled steps
 MAX_LAYOUTS = 64  # distinct patterns of missing gradients cached before the cache starts over
@@ -91,7 +91,7 @@ class Watcher:
         self._some: dict[tuple[bool, ...], _Grads] = {}
         self._norms: list[tuple[int, int, _Grads, list[Tensor]]] = []  # per step: its per-tensor grad norms
         self._pending: list[tuple[int, int, str, list[str], Tensor]] = []  # sampled stats awaiting the flush
-        self._seen: dict[str, dict[str, Tensor]] = {}  # stat -> layer -> value, this sampled step's probes
+        self._seen: dict[str, dict] = {}  # stat -> layer -> value (dead_frac: a unit_range), this step's probes
         self._numel: dict[str, int] = {}  # layer -> elements of its output, for act_rms
         self._unchecked: tuple[int, int, _Grads, list[Tensor]] | None = None  # gradients whose NaN/Inf to count
         self._before: list[Tensor] | None = None  # the weights before a sampled step
@@ -204,8 +204,9 @@ class Watcher:
         out = output.detach()
         if stat == "saturated_frac":
             self._seen[stat][name] = STATS[stat]([out], [bounds])[0]
-        else:  # a conv's units are its channels, on axis 1; elsewhere features are the last axis
-            self._seen[stat][name] = STATS[stat]([out.movedim(1, -1) if out.dim() > 3 else out])[0]
+        else:  # a conv's units are its channels, on axis 1; elsewhere features are the last axis.
+            # Half of STATS["dead_frac"] here, the other half for all layers at once in _collect
+            self._seen[stat][name] = unit_range(out.movedim(1, -1) if out.dim() > 3 else out)
 
     def _finish_step(self) -> None:
         if self._armed:
@@ -262,7 +263,10 @@ class Watcher:
         for stat, values in self._seen.items():
             if values:
                 names = sorted(values, key=lambda n: self._order.get(n, -1))
-                stacked = torch.stack([values[n] for n in names])
+                if stat == "dead_frac":  # each value is a unit_range: (lows, highs)
+                    stacked = dead_of_ranges([values[n][0] for n in names], [values[n][1] for n in names])
+                else:
+                    stacked = torch.stack([values[n] for n in names])
                 if stat == "act_rms":  # rms = norm / sqrt(numel), as stats.rms defines it
                     stacked = stacked / stacked.new_tensor([self._numel[n] for n in names]).sqrt()
                 self._push(stat, names, stacked)
