@@ -61,7 +61,8 @@ def references(model, x, y, lr):
             module.register_forward_hook(keep(name))
     nn.functional.mse_loss(twin(x), y).backward()
     ref = {stat: {} for stat in ("grad_norm", "grad_rms", "grad_max_abs", "grad_mean_abs", "nonfinite",
-                                 "update_ratio", "backprop_norm", "act_rms", "saturated_frac", "dead_frac")}
+                                 "weight_norm", "update_ratio", "backprop_norm", "act_rms", "saturated_frac",
+                                 "dead_frac")}
     for name, module in layers.items():
         params = list(module.parameters(recurse=False))
         g = torch.cat([p.grad.double().reshape(-1) for p in params])
@@ -71,6 +72,7 @@ def references(model, x, y, lr):
         ref["grad_max_abs"][name] = g.abs().max().item()
         ref["grad_mean_abs"][name] = g.abs().mean().item()
         ref["nonfinite"][name] = float((~torch.isfinite(g)).sum())
+        ref["weight_norm"][name] = w.norm().item()  # before the step
         ref["update_ratio"][name] = (lr * g).norm().item() / w.norm().item()  # SGD: W_new - W_old = -lr g
         ref["backprop_norm"][name] = outputs[name].grad.double().norm().item()
         ref["act_rms"][name] = outputs[name].detach().double().square().mean().sqrt().item()

@@ -122,9 +122,14 @@ def update_ratio(before: list[Tensor], after: list[Tensor], layout: Layout, memb
 
 
 @torch.no_grad()
-def update_ratio_(before: list[Tensor], after: list[Tensor], layout: Layout, members: bool = False) -> Tensor:
-    """``update_ratio``, overwriting ``before`` with the update: no new tensor per parameter."""
-    old = norm(before, layout, members)
+def update_ratio_(before: list[Tensor], after: list[Tensor], layout: Layout, members: bool = False,
+                  old: Tensor | None = None) -> Tensor:
+    """``update_ratio``, overwriting ``before`` with the update: no new tensor per parameter.
+
+    ``old``: ``norm(before, layout, members)`` if the caller has it already (the watcher records it
+    as the weight norm), so the weights are read once for both.
+    """
+    old = norm(before, layout, members) if old is None else old
     torch._foreach_sub_(before, after)
     return norm(before, layout, members) / old.clamp_min(1e-30)
 

@@ -4,8 +4,8 @@ Built like fastai's ``Hook``/``HookCallback(every=...)``: small hooks composed i
 detaches cleanly, with module and autograd-node hooks registered only on sampled steps (every
 ``every``-th step). Every step pays for one statistic, the per-layer gradient norm: one
 ``_foreach_norm`` over the gradients (``clip_grad_norm_``'s fast path). Sampled steps add the rest:
-RMS, max and mean |g|, NaN/Inf counts, the update-to-weight ratio (with an optimizer), and from the
-module hooks the backpropagated signal dL/d(layer output), the activation scale, and saturated and
+RMS, max and mean |g|, NaN/Inf counts, weight norms, the update-to-weight ratio (with an optimizer),
+and from the module hooks the backpropagated signal dL/d(layer output), the activation scale, and saturated and
 dead units. Results stay on the tensors' device and reach the host in one copy per ``every`` steps
 (the monitor's one ``# sync:``), unlike Cockpit's always-on extensions.
 
@@ -140,6 +140,8 @@ class Watcher:
         """Without an optimizer, each backward is a step: gradients are final here."""
         self._queued = False
         self._record_grads()
+        if self._sampled():
+            self._push("weight_norm", self._names, STATS["weight_norm"](self._params, self._all.layout))
         self._finish_step()
 
     def _on_before_step(self, *_args) -> None:
@@ -172,8 +174,10 @@ class Watcher:
 
     def _on_after_step(self, *_args) -> None:
         if self._updated:
-            with torch.no_grad():
-                ratio = update_ratio_(self._before, self._params, self._all.layout)  # STATS["update_ratio"], in place
+            with torch.no_grad():  # the weights before the step give the weight norm and the ratio's denominator
+                norms = STATS["weight_norm"](self._before, self._all.layout)
+                ratio = update_ratio_(self._before, self._params, self._all.layout, old=norms)  # in place
+            self._push("weight_norm", self._names, norms)
             self._push("update_ratio", self._names, ratio)
             self._updated = False
         self._finish_step()

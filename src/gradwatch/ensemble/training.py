@@ -23,7 +23,7 @@ from gradwatch.ensemble.fast import Manual, supports
 from gradwatch.ensemble.stack import Stack, spans
 from gradwatch.nets import OUTPUTS, RECTIFIERS, SATURATING
 from gradwatch.spec import Spec
-from gradwatch.stats import STATS, Layout, percent_change, seed_gradient
+from gradwatch.stats import STATS, Layout, percent_change, seed_gradient, update_ratio_
 
 BETAS, EPS = (0.9, 0.999), 1e-7  # torch Adam's betas with Keras's epsilon, as train.make_optimizer
 TRACE = 4  # first-layer weights traced per epoch, as train.TRACE
@@ -135,8 +135,11 @@ class Ensemble:
         with torch.no_grad():
             self._update()
         if before is not None:
-            ratio = STATS["update_ratio"](stack.views(before), stack.views(stack.flat), self.layout, members=True)
-            self._push("update_ratio", self.names, ratio)
+            old = stack.views(before)
+            norms = STATS["weight_norm"](old, self.layout, members=True)  # before the step, as the watcher's
+            self._push("weight_norm", self.names, norms)
+            self._push("update_ratio", self.names, update_ratio_(old, stack.views(stack.flat), self.layout,
+                                                                 members=True, old=norms))
         self.step += 1
         return loss.detach(), total
 
