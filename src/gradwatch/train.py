@@ -136,7 +136,8 @@ class Training:
         states = getattr(self.model, "states", None)
         if not states or states[0].grad is None:
             return
-        norms = torch.stack([h.grad.norm() for h in states]).tolist()  # sync: once per epoch
+        grads = [h.grad for h in states]
+        norms = STATS["state_grad_norm"](grads, Layout.of([[g] for g in grads])).tolist()  # sync: once per epoch
         self.model.keep_states, self.model.states = False, []
         values = {f"t{t}": v for t, v in enumerate(norms)}
         self.watcher.records.add(self.watcher.step, self.epochs_done, "state_grad_norm", values)
