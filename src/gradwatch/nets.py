@@ -55,16 +55,17 @@ INITS: dict[str, Callable[[torch.Tensor], None]] = {
 }
 
 
-def _bce(z, y):
-    return F.binary_cross_entropy_with_logits(z, y)
+def _bce(z, y, reduction: str = "mean"):
+    return F.binary_cross_entropy_with_logits(z, y, reduction=reduction)
 
 
-def _tanh_mse(z, y):
-    return F.mse_loss(torch.tanh(z), 2 * y - 1)
+def _tanh_mse(z, y, reduction: str = "mean"):
+    return F.mse_loss(torch.tanh(z), 2 * y - 1, reduction=reduction)
 
 
 # output activation -> (loss on the pre-activation z, prediction from z). Sigmoid + BCE is fused
-# (BCE-with-logits) for the same reason Keras clips probabilities: log(sigmoid) underflows.
+# (BCE-with-logits) for the same reason Keras clips probabilities: log(sigmoid) underflows. Each
+# loss takes torch's ``reduction``, so the stacked ensembles take one loss per member from it.
 OUTPUTS: dict[str, tuple[Callable, Callable]] = {
     "sigmoid": (_bce, lambda z: (z > 0).float()),
     "softmax": (F.cross_entropy, lambda z: z.argmax(-1)),

@@ -12,9 +12,9 @@ turned into Records once, at the end.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.func import vmap
 
@@ -28,15 +28,13 @@ from gradwatch.stats import STATS, Layout, percent_change, seed_gradient, update
 BETAS, EPS = (0.9, 0.999), 1e-7  # torch Adam's betas with Keras's epsilon, as train.make_optimizer
 TRACE = 4  # first-layer weights traced per epoch, as train.TRACE
 
-# output activation -> nets.OUTPUTS's loss per member, (E,): the mean over the member's own batch of
-# z (E, B, n_out) against y, from the same elementwise kernels. vmap(loss) gives the same for any
-# other output, at ~200 us more per step (tests/test_ensemble.py compares every output with train()).
-MEMBER_LOSSES = {
-    "sigmoid": lambda z, y: F.binary_cross_entropy_with_logits(z, y, reduction="none").flatten(1).mean(1),
-    "softmax": lambda z, y: F.cross_entropy(z.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1),
-    "tanh": lambda z, y: F.mse_loss(torch.tanh(z), 2 * y - 1, reduction="none").flatten(1).mean(1),
-    "linear": lambda z, y: F.mse_loss(z, y, reduction="none").flatten(1).mean(1),
-}
+def member_loss(loss_fn, z: Tensor, y: Tensor) -> Tensor:
+    """nets.OUTPUTS's loss per member, (E,): the mean over each member's own batch of z (E, B, n_out)
+    against y, from the loss's elementwise form (``reduction="none"``), one call for all members."""
+    if not y.is_floating_point():  # class indices (E, B): cross-entropy takes (N, C) against (N,)
+        return loss_fn(z.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+    return loss_fn(z, y, reduction="none").flatten(1).mean(1)
+
 
 # (step, epoch, stat, layer names, values (layers, members), member slice or None for all members)
 Block = tuple[int, int, str, tuple[str, ...], Tensor, slice | None]
@@ -57,7 +55,7 @@ class Ensemble:
         E, stack = len(specs), self.stack
         self.manual = Manual(stack, self.data.x_train.shape[1]) if supports(stack) else None  # else autograd
         self.loss_fn, self.predict = OUTPUTS[spec.model.output_activation]
-        self.member_loss = MEMBER_LOSSES.get(spec.model.output_activation, vmap(self.loss_fn))  # z, y -> (E,)
+        self.member_loss = partial(member_loss, self.loss_fn)  # z, y -> (E,)
         self.shared_loss = vmap(self.loss_fn, in_dims=(0, None))
         self.x = self.data.x_train.t().contiguous()  # (F, N)
         rates = [s.train.learning_rate for s in specs]
