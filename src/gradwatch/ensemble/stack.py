@@ -1,9 +1,10 @@
-"""Stack: E members' MLPs as stacked weights, one (E, P) parameter buffer, feature-major activations.
+"""Stack: E members' MLPs as stacked weights, one flat parameter buffer, feature-major activations.
 
 Activations are (E, H, B), so every batched matmul has the batch as its wide side (MKL is about 3x
-slower on (E, B, H) with 10 units). All parameters of all members live in ONE (E, P) buffer whose
-per-layer views are the autograd leaves; their gradients are views of ONE (E, P) buffer that backward
-adds into in place, so an optimizer step is a few whole-buffer ops and a per-layer statistic a view.
+slower on (E, B, H) with 10 units). All parameters of all members live in ONE flat buffer, layer by
+layer, whose per-layer (E, n) views are the autograd leaves; their gradients are views of ONE buffer
+laid out alike that backward adds into in place, so an optimizer step is a few whole-buffer ops and
+a per-layer statistic a view.
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ class Stack:
         rows = {name: torch.stack(r) for name, r in rows.items()}  # (E, n)
         self.flat = torch.cat([r.reshape(-1) for r in rows.values()])  # (E * P,): every block back to back
         self.grad = torch.zeros_like(self.flat)
-        self.layers = dict(zip(owners, self._blocks(self.flat, rows), strict=True))  # module -> (E, n) block
-        self.grads = dict(zip(owners, self._blocks(self.grad, rows), strict=True))
+        self.sizes = [r.numel() for r in rows.values()]  # each layer's block, all members
+        self.layers = dict(zip(owners, self.views(self.flat), strict=True))  # module -> (E, n) block
+        self.grads = dict(zip(owners, self.views(self.grad), strict=True))
         self.dense = {name: self.layers[name].view(E, *_augmented(net.get_submodule(name)))
                       for name in owners if _augmented(net.get_submodule(name))}  # module -> (E, out, in + 1)
         self.p: dict[str, Tensor] = {}  # parameter name -> leaf view: (E, out, in) matrices, (E, n, 1) vectors
@@ -74,10 +76,6 @@ class Stack:
         residual = torch.tensor([s.model.residual for s in specs])
         self.residual = bool(residual[0]) if residual.all() or not residual.any() else residual.view(E, 1, 1)
 
-    def _blocks(self, buffer: Tensor, rows: dict[str, Tensor]) -> list[Tensor]:
-        sizes = [r.numel() for r in rows.values()]
-        return [b.view(self.n, -1) for b in buffer.split(sizes)]
-
     def _params(self, net, name: str) -> tuple[list[str], list[Tensor], list[Tensor]]:
         """A module's parameter names with their views into the parameter and gradient blocks."""
         module, E = net.get_submodule(name), self.n
@@ -92,7 +90,7 @@ class Stack:
     # --- the member axis across blocks ----------------------------------------------------------
     def views(self, buffer: Tensor) -> list[Tensor]:
         """One (E, n_layer) view per layer, input to output, of a buffer laid out like ``flat``."""
-        return [b.view(self.n, -1) for b in buffer.split([v.numel() for v in self.layers.values()])]
+        return [b.view(self.n, -1) for b in buffer.split(self.sizes)]
 
     def member_norms(self, buffer: Tensor) -> Tensor:
         """Each member's L2 norm over all of its layers: (E,)."""
