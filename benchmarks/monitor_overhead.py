@@ -8,6 +8,8 @@ all alike. A monitor's overhead is the median over repeats of its block time div
 block time of the same repeat; the quartiles of those ratios are printed beside it. A second
 unwatched copy (``twin``) is timed the same way: its ratio is the noise floor, what two identical
 models differ by here (memory placement, cache, neighbours), against which a small overhead is read.
+The ``floor`` line is the least an exact monitor at gradwatch's cadence must read (``_floor``):
+what is left for gradwatch's own bookkeeping is the gap between it and the gradwatch line.
 
 Anchors, as the same loop would use them:
 
@@ -60,7 +62,7 @@ def cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 
 MODELS = {"mlp": mlp, "cnn": cnn}
-ALWAYS = ("bare", "twin", "gradwatch")  # timed in every repeat; the anchors in the first few
+ALWAYS = ("bare", "twin", "floor", "gradwatch")  # timed in every repeat; the anchors in the first few
 
 
 # --- monitors: (model, optimizer, folder) -> (detach, called after each step or None) ------------
@@ -71,6 +73,36 @@ def _bare(model, optimizer, folder):
 def _gradwatch(model, optimizer, folder):
     w = watch(model, optimizer)  # the default cadence: every=10
     return w.detach, None
+
+
+def _floor(model, optimizer, folder):
+    """The least any exact monitor at gradwatch's cadence reads: no hooks, no records, no Python beyond the calls.
+
+    Every step one ``_foreach_norm`` over the gradients; every 10th step the weights copied before
+    the step, then ``||W_old||`` and ``||W_new - W_old||`` after it. On a memory-bound host this
+    traffic alone is most of the monitor's cost.
+    """
+    params = list(model.parameters())
+    before = [torch.empty_like(p) for p in params]
+    step, kept = [0], []
+
+    @torch.no_grad()
+    def on_before_step(*_):
+        kept.append(torch._foreach_norm([p.grad for p in params]))
+        if step[0] % 10 == 0:
+            torch._foreach_copy_(before, params)
+
+    @torch.no_grad()
+    def on_after_step(*_):
+        if step[0] % 10 == 0:
+            kept.append(torch._foreach_norm(before))
+            torch._foreach_sub_(before, params)
+            kept.append(torch._foreach_norm(before))
+            kept.clear()
+        step[0] += 1
+
+    handles = [optimizer.register_step_pre_hook(on_before_step), optimizer.register_step_post_hook(on_after_step)]
+    return (lambda: [h.remove() for h in handles]), None
 
 
 def _tensorboard(model, optimizer, folder):
@@ -129,11 +161,12 @@ def _naive(model, optimizer, folder):
     return (lambda: [h.remove() for h in handles]), None
 
 
-MONITORS = {"bare": _bare, "twin": _bare, "gradwatch": _gradwatch, "tensorboard": _tensorboard, "wandb": _wandb,
-            "naive": _naive}
+MONITORS = {"bare": _bare, "twin": _bare, "floor": _floor, "gradwatch": _gradwatch, "tensorboard": _tensorboard,
+            "wandb": _wandb, "naive": _naive}
 LABELS = {
     "bare": "no monitor",
     "twin": "no monitor, a second copy (the noise floor)",
+    "floor": "floor: the statistics' reads alone (see _floor)",
     "gradwatch": "gradwatch watch(model, opt), every=10",
     "tensorboard": "TensorBoard add_histogram, every param, every step",
     "wandb": 'wandb.watch(log="all", log_freq=1), offline',

@@ -186,7 +186,7 @@ def test_seed_formulas_are_the_notebooks():
 def test_tensor_norms_then_layer_norms_is_norm():
     layers = groups()
     flat, layout = [t for layer in layers for t in layer], Layout.of(layers)
-    per_tensor = torch.stack(tensor_norms(flat))
+    per_tensor = tensor_norms(flat)
     assert per_tensor.shape == (len(flat),)
     assert torch.allclose(layer_norms(per_tensor, layout), STATS["grad_norm"](flat, layout))
     many = torch.stack([per_tensor, 2 * per_tensor], dim=1)  # (P, steps): many steps combined at once

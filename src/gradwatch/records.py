@@ -14,6 +14,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
 
 COLUMNS = ("step", "epoch", "layer", "stat", "value")
 
@@ -29,7 +30,12 @@ class Records:
 
     def add(self, step: int, epoch: int, stat: str, values: dict[str, float]) -> None:
         """One row per layer of ``values`` (layer -> value) for ``stat`` at ``step``/``epoch``."""
-        self.rows.extend((step, epoch, layer, stat, float(v)) for layer, v in values.items())
+        self.add_layers(step, epoch, stat, values.keys(), map(float, values.values()))
+
+    def add_layers(self, step: int, epoch: int, stat: str, layers: Iterable[str], values: Iterable[float]) -> None:
+        """``add`` from parallel sequences of equal length, as a monitor's flush has them: no dict per row."""
+        # repeat() is endless, so zip ends with layers and values
+        self.rows.extend(zip(repeat(step), repeat(epoch), layers, repeat(stat), values, strict=False))
 
     def stats(self) -> list[str]:
         return list(dict.fromkeys(r[3] for r in self.rows))

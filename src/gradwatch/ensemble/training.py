@@ -23,7 +23,7 @@ from gradwatch.ensemble.fast import Manual, supports
 from gradwatch.ensemble.stack import Stack, spans
 from gradwatch.nets import OUTPUTS, RECTIFIERS, SATURATING
 from gradwatch.spec import Spec
-from gradwatch.stats import STATS, Layout, percent_change, seed_gradient, update_ratio_
+from gradwatch.stats import STATS, Layout, abs_stats, percent_change, seed_gradient, update_ratio_
 
 BETAS, EPS = (0.9, 0.999), 1e-7  # torch Adam's betas with Keras's epsilon, as train.make_optimizer
 TRACE = 4  # first-layer weights traced per epoch, as train.TRACE
@@ -207,8 +207,10 @@ class Ensemble:
             self._push("grad_norm", self.names, norms)
             self._push("grad_rms", self.names, norms / self.layout.numel.sqrt()[:, None])
         if sampled:
-            for stat in ("grad_max_abs", "grad_mean_abs", "nonfinite"):
-                self._push(stat, self.names, STATS[stat](grads, self.layout, members=True))
+            highest, mean = abs_stats(grads, self.layout, members=True)  # grad_max_abs, grad_mean_abs: one read
+            self._push("grad_max_abs", self.names, highest)
+            self._push("grad_mean_abs", self.names, mean)
+            self._push("nonfinite", self.names, STATS["nonfinite"](grads, self.layout, members=True))
 
     def _record_taps(self, taps: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
         """Sampled-step forward/backward statistics, taken where the watcher's module hooks take them."""
