@@ -106,9 +106,16 @@ def _figure(groups: dict[str, list[Run]]) -> Figure:
 
 
 def _total_norms(run: Run) -> tuple[list[int], list[float]]:
-    """(steps, total gradient norm) from the per-layer norms the watcher recorded: after any clipping."""
-    steps = sorted({r[0] for r in run.records.rows if r[3] == "grad_norm"})
-    return steps, [math.sqrt(sum(v * v for v in run.records.at("grad_norm", s).values())) for s in steps]
+    """(steps, total gradient norm) from the per-layer norms the watcher recorded: after any clipping.
+
+    One pass over the rows, summing each step's squares in row (layer) order.
+    """
+    squares: dict[int, float] = {}
+    for step, _, _, stat, value in run.records.rows:
+        if stat == "grad_norm":
+            squares[step] = squares.get(step, 0.0) + value * value
+    steps = sorted(squares)
+    return steps, [math.sqrt(squares[s]) for s in steps]
 
 
 def _caption(rows: list[dict]) -> str:
