@@ -1,45 +1,78 @@
 """The ``gradwatch`` command: each command parses, calls the library, prints. Nothing else.
 
-User mistakes (bad spec values, unknown runs, unreadable files) print one red line and exit 2,
-never a traceback.
+User mistakes (bad spec values, unknown runs, unreadable files, click's usage errors) print one red
+line and exit 2, never a traceback. A command imports what it needs when it runs (torch, sklearn and
+matplotlib take seconds), so ``gradwatch --help`` and a mistyped flag answer at once.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
-import click
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
-from gradwatch.spec import SpecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="See, diagnose and fix vanishing and exploding gradients.")
 console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs get whole tables
 errors = Console(stderr=True, soft_wrap=True)
 STORE = typer.Option(None, "--store", help="SQLite run store (default ./gradwatch-runs/runs.db or $GRADWATCH_STORE)")
+REPORTS = Path("gradwatch-report")  # each command writes its own folder under it: demo/, sweep-NAME/, ...
+OUT = typer.Option(None, "--out", help="folder for the HTML report and PNGs (default gradwatch-report/COMMAND)")
+QUICK = "QUICK (tiny budgets: checks the machinery, proves nothing)"
+PAGE = 50  # runs a page of `gradwatch runs` lists
 
 
-def _store(path: Path | None):
+def refuse(line: str) -> NoReturn:
+    """Raise a user mistake as the spec's one-line SpecError (imported here: pydantic costs ~0.3 s)."""
+    from gradwatch.spec import SpecError
+
+    raise SpecError(line)
+
+
+def _store(path: Path | None, write: bool = False):
+    """The run store; ``write`` refuses one that cannot be written now, before anything trains."""
     from gradwatch.store import Store
 
-    return Store(path)
+    store = Store(path)
+    if write:
+        store.check_writable()
+    return store
 
 
-def progress() -> Progress:
+def folder(name: str) -> str:
+    """``name`` as one safe path part (a sweep called ``a/b`` writes ``sweep-a_b``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "unnamed"
+
+
+def out_dir(out: Path | None, default: str) -> Path:
+    """The report folder, made now: a bad --out is refused before any training, not after."""
+    path = out or REPORTS / folder(default)
+    if path.exists() and not path.is_dir():
+        refuse(f"--out: got {str(path)!r} (an existing file); allowed: a folder, new or existing")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        refuse(f"--out: got {str(path)!r} ({exc.strerror}); allowed: a folder that can be written")
+    return path
+
+
+def progress():
     """A progress bar with runs done, elapsed time and runs/s."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TextColumn("{task.fields[rate]}"), console=console, transient=False)
 
 
 def print_rows(title: str, rows: list[dict]) -> None:
     """A rich table of dict rows; floats in 3 significant digits; cells never cut, headers may wrap."""
+    from rich.table import Table
+
     cells = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
     table = Table(title=title)
     for i, col in enumerate(rows[0] if rows else []):
@@ -54,8 +87,8 @@ def print_rows(title: str, rows: list[dict]) -> None:
 @app.command()
 def demo(
     json_path: Path = typer.Option(None, "--json", help="also write the table as JSON here"),
-    out: Path = typer.Option(Path("gradwatch-report"), "--out", help="folder for the HTML report and PNGs"),
-    epochs: int = typer.Option(None, help="override the seed's 100 epochs (quick looks)"),
+    out: Path = OUT,
+    epochs: int = typer.Option(None, min=1, help="override the seed's 100 epochs (quick looks)"),
     seeds: int = typer.Option(3, min=1, help="seeds per case"),
     workers: int = typer.Option(None, min=1, help="worker processes (default: one per core)"),
     store: Path = STORE,
@@ -65,7 +98,7 @@ def demo(
     from gradwatch.studies import demo as study
     from gradwatch.sweep import run_each
 
-    db, runs = _store(store), []
+    db, runs, out = _store(store, write=True), [], out_dir(out, "demo")
     jobs = study.jobs(epochs, tuple(range(seeds)))
     with progress() as bar:
         task = bar.add_task("training the seed's nets", total=len(jobs), rate="")
@@ -93,22 +126,36 @@ def train_cmd(
 ) -> None:
     """Train one spec, store it, print its summary and diagnosis."""
     from gradwatch.diagnose import diagnose
-    from gradwatch.spec import Spec, from_flags
+    from gradwatch.spec import Spec, check_name, from_flags
     from gradwatch.train import train
 
+    check_name(name)
     spec = from_flags(flags or [], Spec.from_file(spec_file) if spec_file else None)
+    db = _store(store, write=True)
     run = train(spec, name=name)
-    _store(store).put_run(run)
+    db.put_run(run)
     _print_run(run, diagnose(run.records))
 
 
 @app.command()
-def runs(store: Path = STORE, group: str = typer.Option(None, help="only runs of this group")) -> None:
-    """List stored runs."""
+def runs(store: Path = STORE, group: str = typer.Option(None, help="only runs of this group"),
+         page: int = typer.Option(1, min=1, help=f"page of {PAGE} runs, newest first")) -> None:
+    """List stored runs, newest first, a page at a time."""
+    db = _store(store)
+    total = db.count(group)
+    if not total:
+        if group is None:
+            return console.print("no runs stored yet")
+        groups = ", ".join(db.groups()) or "none yet"
+        refuse(f"--group: got {group!r}; allowed: a group with stored runs ({groups})")
+    pages = -(-total // PAGE)
+    if page > pages:
+        refuse(f"--page: got {page}; allowed: 1 to {pages} ({total} runs, {PAGE} a page)")
     rows = [{"id": r["id"], "name": r["name"], "group": r["group"], "status": r["status"],
-             "final_loss": r["summary"].get("final_loss") or float("nan"),
-             "verdict": r["summary"].get("verdict", "")} for r in _store(store).runs(group)]
-    print_rows(f"{len(rows)} run(s)", rows) if rows else console.print("no runs stored yet")
+             "final_loss": r["summary"].get("final_loss") or float("nan"), "verdict": r["summary"].get("verdict", "")}
+            for r in db.runs(group, limit=PAGE, offset=(page - 1) * PAGE, newest_first=True)]
+    more = f"; --page {page + 1} for older ones" if page < pages else ""
+    print_rows(f"{total} run(s): page {page} of {pages}, newest first{more}", rows)
 
 
 @app.command()
@@ -132,7 +179,7 @@ def diagnose_cmd(run: str = typer.Argument(..., help="run id, id prefix or name"
 @app.command("report")
 def report_cmd(
     refs: list[str] = typer.Argument(None, help="run ids, id prefixes or names (default: every stored run)"),
-    out: Path = typer.Option(Path("gradwatch-report"), "--out", help="folder for the HTML report and PNGs"),
+    out: Path = OUT,
     group: str = typer.Option(None, help="only runs of this group"),
     store: Path = STORE,
 ) -> None:
@@ -140,9 +187,11 @@ def report_cmd(
     from gradwatch.report.html import write_report
 
     db = _store(store)
+    out = out_dir(out, f"group-{group}" if group else "report")
     chosen = [db.get(ref) for ref in refs] if refs else [db.get(r["id"]) for r in db.runs(group)]
     if not chosen:
-        raise KeyError(f"group: got {group!r}; allowed: a group with stored runs (see `gradwatch runs`)")
+        groups = ", ".join(db.groups()) or "none yet"
+        refuse(f"--group: got {group!r}; allowed: a group with stored runs ({groups})")
     console.print(f"report: {write_report(chosen, out, title=f'gradwatch report: {len(chosen)} run(s)').resolve()}")
 
 
@@ -170,7 +219,7 @@ def print_findings(findings) -> None:
 def study(
     name: str = typer.Argument(..., help="all, depth, dying-relu, sequences, exploding, output-activation, "
                                "width-vs-depth or relu-he"),
-    out: Path = typer.Option(Path("gradwatch-study"), "--out", help="folder for the HTML report and PNGs"),
+    out: Path = OUT,
     quick: bool = typer.Option(False, help="tiny budgets: checks the machinery in seconds, proves nothing"),
     workers: int = typer.Option(None, min=1, help="worker processes (default: one per core)"),
     store: Path = STORE,
@@ -180,17 +229,19 @@ def study(
     from gradwatch.studies.all import run_all, write_page
 
     if name != "all" and name not in STUDIES:
-        raise SpecError(f"study: got {name!r}; allowed: all, {', '.join(STUDIES)}")
+        refuse(f"study: got {name!r}; allowed: all, {', '.join(STUDIES)}")
+    db, out = _store(store, write=True), out_dir(out, f"study-{name}" + ("-quick" if quick else ""))
+    if quick:
+        console.print(f"[bold yellow]{QUICK}[/]")
     with progress() as bar:
-        task = bar.add_task(f"study {name}", total=None, rate="")
+        task = bar.add_task(f"study {name}" + (" (quick)" if quick else ""), total=None, rate="")
         tick = lambda run: bar.update(task, advance=1)  # noqa: E731
-        db = _store(store)
         if name == "all":
             results, page = run_all(db, out, workers, quick, tick)
         else:
             results, page = [run_study(name, db, workers, quick, tick)], None
     for result in results:
-        print_rows(result.title, result.rows)
+        print_rows(result.title + (" (quick)" if quick else ""), result.rows)
         console.print(result.conclusion, markup=False)
     console.print(f"report: {(page or write_page(results, out)).resolve()}")
 
@@ -201,7 +252,7 @@ def sweep(
     backend: Literal["local", "ray"] = typer.Option("local", help="train here, or send ensembles to Ray"),
     address: str = typer.Option(None, help="Ray cluster address (default: start a local Ray)"),
     workers: int = typer.Option(1, min=1, help="local worker processes, one ensemble each at a time"),
-    out: Path = typer.Option(Path("gradwatch-report"), "--out", help="folder for the HTML report and PNGs"),
+    out: Path = OUT,
     store: Path = STORE,
 ) -> None:
     """Train every spec of a study file as stacked ensembles, resumably; print medians, write a report."""
@@ -209,7 +260,7 @@ def sweep(
     from gradwatch.report.html import write_report
 
     plan = sw.load_study(study_file)  # validated whole before the store is opened or any run starts
-    db = _store(store)
+    db, out = _store(store, write=True), out_dir(out, f"sweep-{plan.name}")
     with progress() as bar:
         task = bar.add_task(f"sweep {plan.name}", total=None, rate="")
         tick = lambda done, total, rate: bar.update(task, completed=done, total=total, rate=f"{rate:.1f} runs/s")  # noqa: E731
@@ -232,18 +283,70 @@ def _print_run(run, findings) -> None:
     print_findings(findings)
 
 
+def click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(ClickException, Abort) classes of every click that can be in play.
+
+    typer >= 0.20 bundles its own copy of click (``typer._click``, with ``Abort`` in ``typer.exceptions``),
+    whose exceptions are not the installed click's: an ``except click.ClickException`` alone never matches.
+    """
+    import importlib
+
+    found: dict[str, list[type]] = {"ClickException": [], "Abort": []}
+    for name in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for kind, classes in found.items():
+            if hasattr(module, kind):
+                classes.append(getattr(module, kind))
+    return tuple(found["ClickException"]), tuple(found["Abort"])
+
+
+def usage_line(exc) -> str:
+    """click's usage error as one line: what was wrong, and where the allowed forms are."""
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "gradwatch"
+    if type(exc).__name__ == "NoArgsIsHelpError":  # `gradwatch` alone: click's message is the whole help
+        commands = ", ".join(sorted(ctx.command.list_commands(ctx))) if ctx is not None else ""
+        return f"{where}: got no command; allowed: {commands} (see {where} --help)"
+    message = " ".join(exc.format_message().split())
+    return f"{where}: {message} (see {where} --help)"
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one line a user mistake prints, or None for a bug (which keeps its traceback)."""
+    import sqlite3
+
+    from gradwatch.spec import SpecError
+
+    if isinstance(exc, SpecError | KeyError):
+        return str(exc.args[0]) if exc.args else type(exc).__name__
+    if isinstance(exc, OSError):
+        return f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
+    if isinstance(exc, sqlite3.DatabaseError):
+        return f"store: {str(exc).splitlines()[0]}; allowed: a gradwatch SQLite store (--store or $GRADWATCH_STORE)"
+    return None
+
+
 def main() -> None:
-    """Console entry point: click's own errors as usual, gradwatch's user errors as one red line."""
+    """Console entry point: every user mistake, click's usage errors included, as one red line, exit 2."""
+    usage, abort = click_errors()
     try:
-        code = app(standalone_mode=False)  # typer returns, not raises, the exit code of Ctrl-C (130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+        code = app(standalone_mode=False, prog_name="gradwatch")  # returns, not raises, Ctrl-C's exit code (130)
+    except abort:
         sys.exit(130)
-    except (SpecError, KeyError, FileNotFoundError) as exc:
-        message = exc.args[0] if exc.args else str(exc)
-        errors.print(f"[red]error: {message}[/]", highlight=False)
-        sys.exit(2)
+    except usage as exc:
+        fail(usage_line(exc) if hasattr(exc, "ctx") else exc.format_message())
+    except Exception as exc:
+        line = user_error(exc)
+        if line is None:
+            raise
+        fail(line)
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def fail(line: str) -> None:
+    errors.print(f"[red]error: {line}[/]", highlight=False, markup=True)
+    sys.exit(2)

@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Activation = Literal["sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "linear"]
 OutputActivation = Literal["sigmoid", "softmax", "tanh", "linear"]
 Init = Literal[
     "default", "glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_normal", "orthogonal"
 ]
+SEQUENCES = ("adding", "recall")  # the data sets whose samples are sequences: the only ones a recurrent net reads
+# data set -> the most samples it can give (digits is scikit-learn's bundled 1,797 images; spirals two equal arms)
+SIZE = {"digits": lambda n: min(n, 1797), "spirals": lambda n: 2 * (n // 2)}
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # safe as a file name on every system
 
 
 class SpecError(ValueError):
@@ -76,6 +82,25 @@ class Spec(_Frozen):
     model: ModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
 
+    @model_validator(mode="after")
+    def _runnable(self) -> Spec:
+        """Fields fine alone that cannot run together: refused here, not by sklearn or torch mid-run."""
+        data, model, batch = self.data, self.model, self.train.batch_size
+        n_train = train_size(data)
+        if n_train < 1:
+            n = SIZE.get(data.name, int)(data.n_samples)
+            raise SpecError(f"data.test_size: got {data.test_size}; allowed: at most {n - 1}/{n} "
+                            f"(a share of data.n_samples={n} that leaves a training sample)")
+        recurrent = model.kind != "mlp"
+        if recurrent != (data.name in SEQUENCES):
+            allowed = ", ".join(SEQUENCES) if recurrent else "moons, circles, spirals, xor, digits"
+            raise SpecError(f"data.name: got {data.name!r}; allowed: {allowed} (for model.kind={model.kind})")
+        last = n_train % batch or batch
+        if model.norm == "batch" and not recurrent and last < 2:
+            raise SpecError(f"train.batch_size: got {batch}; allowed: a size leaving >= 2 samples in every batch, "
+                            f"last included (batch norm; {n_train} training samples)")
+        return self
+
     def key(self) -> str:
         """Stable 16-hex-digit hash of the canonical JSON of every field."""
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
@@ -91,11 +116,25 @@ class Spec(_Frozen):
         return parse(load_mapping(path))
 
 
+def train_size(data: DataSpec) -> int:
+    """Training samples after the split, as scikit-learn's ``train_test_split`` counts them."""
+    n = SIZE.get(data.name, int)(data.n_samples)
+    return n - math.ceil(data.test_size * n)
+
+
+def check_name(name: str) -> str:
+    """A run name (empty: none), refused unless it is safe in a file name: reports name PNGs after runs."""
+    if name and not NAME.fullmatch(name):
+        raise SpecError(f"name: got {name!r}; allowed: up to 100 letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit")
+    return name
+
+
 def load_mapping(path: str | Path) -> dict:
     """Read a YAML/JSON mapping, refusing unreadable files with a one-line SpecError."""
     try:
         value = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise SpecError(f"{path}: cannot read ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     if not isinstance(value, dict):
         raise SpecError(f"{path}: got {type(value).__name__}; allowed: a mapping with data/model/train")
@@ -137,6 +176,8 @@ def from_flags(flags: list[str], base: Spec | None = None) -> Spec:
 def explain(exc: ValidationError, cls: type[BaseModel]) -> str:
     """Turn pydantic's first error into ``field: got X; allowed: ...``."""
     err = exc.errors()[0]
+    if isinstance(err.get("ctx", {}).get("error"), SpecError):  # a cross-field check already wrote its line
+        return str(err["ctx"]["error"])
     loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal["))]
     field = ".".join(loc) or cls.__name__
     got = err.get("input")
