@@ -23,11 +23,13 @@ from gradwatch.web.app import create_app
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"
 SMALL = {"model.depth": 3, "model.width": 4, "train.epochs": 3}
+# what the page's own requests carry: its loopback host, and JSON
+OWN = {"base_url": "http://127.0.0.1:8000", "headers": {"content-type": "application/json"}}
 
 
 @pytest.fixture
 def client(tmp_path):
-    with TestClient(create_app(tmp_path / "runs.db", max_sessions=3, idle_s=30)) as c:
+    with TestClient(create_app(tmp_path / "runs.db", max_sessions=3, idle_s=30), **OWN) as c:
         yield c
 
 
@@ -134,7 +136,7 @@ def test_sessions_are_bounded_and_unknown_ones_are_404(client):
 
 def test_sessions_nobody_polls_are_reaped(tmp_path):
     app = create_app(tmp_path / "runs.db", idle_s=0.3)
-    with TestClient(app) as c:
+    with TestClient(app, **OWN) as c:
         sid = c.post("/api/sessions", json=SMALL).json()["id"]
         session = app.state.sessions[sid]
         time.sleep(0.4)

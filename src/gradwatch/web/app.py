@@ -1,22 +1,26 @@
 """The playground's server: one page, and a small JSON API that steps one run per browser tab.
 
-``create_app()`` builds a FastAPI app (tests make their own, with their own store and limits);
-``gradwatch serve`` runs it under uvicorn on 127.0.0.1. Settings travel as dotted spec fields
-(``{"model.depth": 10}``) and are validated by ``Spec`` first and by the playground's LIMITS second,
-so every refusal is the spec's one line, ``field: got X; allowed: ...``, as JSON ``{"detail": ...}``.
-Sessions that nobody polls for ``idle_s`` seconds are reaped, like a closed tab's.
+``create_app()`` builds a FastAPI app of thin routes over ``service.Sessions`` (tests make their own,
+with their own store and limits); ``gradwatch serve`` runs it under uvicorn on 127.0.0.1. Settings
+travel as dotted spec fields (``{"model.depth": 10}``) and are validated by ``Spec`` first and by the
+playground's LIMITS second, so every refusal is the spec's one line, ``field: got X; allowed: ...``,
+as JSON ``{"detail": ...}``.
+
+Any web page the user visits can send requests to a server on localhost, and a DNS-rebinding page can
+even read the answers, so every request must name this server's own loopback address as its Host (and
+as its Origin, when it has one), and every POST must say it carries JSON (a cross-site form cannot).
+Bodies are capped and their nesting bounded before anything is parsed further.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import threading
-import time
 from contextlib import asynccontextmanager
 from operator import attrgetter
 from pathlib import Path
 from typing import get_args
+from urllib.parse import urlsplit
 
 import torch
 from fastapi import FastAPI, Request
@@ -24,8 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from gradwatch.spec import Activation, Init, ModelSpec, Spec, SpecError, TrainSpec
-from gradwatch.store import Store
-from gradwatch.web.sessions import Session
+from gradwatch.web.service import HTTPError, Sessions
 
 STATIC = Path(__file__).parent / "static"
 
@@ -46,11 +49,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 # the playground's starting point: the seed notebook's net, for 100 epochs
 DEFAULTS = {"data.name": "moons", "train.epochs": 100}
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, detail: str):
-        self.status, self.detail = status, detail
+MAX_BODY = 64 * 1024  # bytes: the settings are a few hundred; anything near this is not the page
+MAX_DEPTH = 4  # JSON nesting: {"model": {"depth": 3}} is 2; json.loads recurses once a level
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def check(settings: object) -> Spec:
@@ -93,66 +94,82 @@ def options() -> dict:
         "defaults": Spec().replace(**DEFAULTS).model_dump(mode="json"),
     }
 
-
 # seconds without a poll before a session is reaped: Chrome wakes a tab hidden for 5 minutes once a
 # minute ("intensive wake up throttling"), so a minute would reap the run of a teacher who switched to slides
 IDLE_S = 300.0
 
 
+def refusal(request: Request, hosts: tuple[str, ...]) -> HTTPError | None:
+    """Why a request may not reach the API (a foreign Host or Origin, or a POST that is not JSON), or None."""
+    host = urlsplit(f"//{request.headers.get('host', '')}").hostname or ""
+    if host not in hosts:
+        return HTTPError(403, f"host: got {host!r}; allowed: {', '.join(hosts)} (this server's own address)")
+    origin = request.headers.get("origin")
+    if origin is not None and (urlsplit(origin).hostname or "") != host:
+        return HTTPError(403, f"origin: got {origin!r}; allowed: this server's own page (http://{host})")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if request.method == "POST" and kind != "application/json":
+        return HTTPError(415, f"content-type: got {kind or 'none'!r}; allowed: application/json")
+    return None
+
+
+async def read_json(request: Request) -> object:
+    """The body as JSON ({} when empty), refused past MAX_BODY bytes or MAX_DEPTH levels of nesting."""
+    size = request.headers.get("content-length", "0")
+    if not size.isdigit() or int(size) > MAX_BODY:
+        raise HTTPError(413, f"body: got {size} bytes; allowed: at most {MAX_BODY}")
+    raw = bytearray()
+    async for chunk in request.stream():  # a chunked body has no length to check up front
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise HTTPError(413, f"body: got more than {MAX_BODY} bytes; allowed: at most {MAX_BODY}")
+    if not raw.strip():
+        return {}
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise HTTPError(400, "body: got malformed JSON; allowed: a JSON object of field: value") from None
+    if depth(value) > MAX_DEPTH:
+        raise HTTPError(400, f"body: got JSON nested deeper than {MAX_DEPTH}; allowed: a JSON object of field: value")
+    return value
+
+
+def depth(value: object) -> int:
+    """Levels of nesting of a parsed JSON value (a scalar is 0), without recursion."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        node, level = todo.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, level + 1)
+            todo.extend((child, level + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 def create_app(store_path: str | Path | None = None, max_sessions: int = 16, idle_s: float = IDLE_S,
-               train_slots: int = 2) -> FastAPI:
-    """The playground app; ``train_slots`` sessions train at once, the rest wait their turn."""
+               train_slots: int = 2, hosts: tuple[str, ...] = LOOPBACK) -> FastAPI:
+    """The playground app; ``train_slots`` sessions train at once, the rest wait their turn.
+
+    ``hosts``: the names this server answers to (loopback; ``gradwatch serve --host`` adds its own).
+    """
     torch.set_num_threads(1)  # tiny nets: intra-op threads only fight the other sessions for cores
-    sessions: dict[str, Session] = {}
-    slots = threading.BoundedSemaphore(train_slots)
-    guard = threading.Lock()
-    stop = threading.Event()
-
-    def reap() -> None:
-        cutoff = time.monotonic() - idle_s
-        with guard:
-            for sid in [sid for sid, s in sessions.items() if s.polled < cutoff]:
-                sessions.pop(sid).close()
-
-    def reaper() -> None:
-        while not stop.wait(min(5.0, idle_s / 2)):
-            reap()
+    service = Sessions(store_path, max_sessions, idle_s, train_slots)
 
     @asynccontextmanager
     async def lifespan(_app):
-        thread = threading.Thread(target=reaper, name="session-reaper", daemon=True)
-        thread.start()
+        service.start()
         yield
-        stop.set()
-        with guard:
-            for s in sessions.values():
-                s.close()
-            sessions.clear()
+        service.shutdown()
 
     app = FastAPI(title="gradwatch playground", lifespan=lifespan)
-    app.state.sessions = sessions
-    app.state.reap = reap
+    app.state.sessions, app.state.reap = service.open_, service.reap
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.exception_handler(HTTPError)
-    async def _refuse(_request, exc: HTTPError):
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+    @app.middleware("http")
+    async def own_pages_only(request: Request, call_next):
+        refused = refusal(request, hosts)
+        return answer(refused) if refused else await call_next(request)
 
-    async def body(request: Request) -> dict:
-        raw = await request.body()
-        if not raw.strip():
-            return {}
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise HTTPError(400, "body: got malformed JSON; allowed: a JSON object of field: value") from None
-
-    def find(sid: str) -> Session:
-        reap()
-        session = sessions.get(sid)
-        if session is None:
-            raise HTTPError(404, f"session: got {sid!r}; allowed: an open session (idle ones close after {idle_s:g} s)")
-        return session
+    app.add_exception_handler(HTTPError, lambda _request, exc: answer(exc))
 
     @app.get("/", include_in_schema=False)
     def index():
@@ -164,68 +181,24 @@ def create_app(store_path: str | Path | None = None, max_sessions: int = 16, idl
 
     @app.post("/api/sessions", status_code=201)
     async def open_session(request: Request):
-        spec = check(await body(request))
-        reap()
-        with guard:
-            if len(sessions) >= max_sessions:
-                raise HTTPError(429, f"sessions: got {len(sessions)} open; allowed: at most {max_sessions} "
-                                "(close a tab, or wait for idle ones to close)")
-        try:
-            session = Session(spec, slots)
-        except SpecError as exc:
-            raise HTTPError(422, str(exc)) from None
-        with guard:
-            sessions[session.id] = session
-        return {"id": session.id, "spec": spec.model_dump(mode="json")}
+        session = service.open(check(await read_json(request)))
+        return {"id": session.id, "spec": session.spec.model_dump(mode="json")}
 
     @app.get("/api/sessions/{sid}/state")
     def state(sid: str, since: int = 0, boundary: int = -1):
-        return find(sid).state(since, boundary)
+        return service.find(sid).state(since, boundary)
 
     @app.post("/api/sessions/{sid}/{name}")
     async def command(sid: str, name: str, request: Request):
-        session = find(sid)
-        if name in ("train", "pause", "step"):
-            session.command(name)
-        elif name == "reset":
-            settings = await body(request)
-            spec = check(settings) if settings else None
-            try:
-                session.reset(spec)
-            except SpecError as exc:
-                raise HTTPError(422, str(exc)) from None
-        elif name == "save":
-            return save(session)
-        else:
-            raise HTTPError(404, f"command: got {name!r}; allowed: train, pause, step, reset, save")
-        return {"id": sid, "status": session.status}
-
-    def save(session: Session) -> dict:
-        if session.status in ("running", "idle"):
-            raise HTTPError(409, f"status: got {session.status!r}; allowed: paused, finished or diverged "
-                            "(train, then pause or let it finish)")
-        run = session.finish()
-        if run is None:
-            return {"id": session.id, "status": "saved", "run": session.saved}
-        run.name = run.name or f"playground-{run.id[:6]}"
-        run.group = "playground"
-        store = Store(store_path)
-        try:
-            store.put_run(run)
-        finally:
-            store.close()
-        session.saved = run.id
-        return {"id": session.id, "status": "saved", "run": run.id, "name": run.name}
+        settings = await read_json(request)
+        return service.command(sid, name, check(settings) if name == "reset" and settings else None)
 
     @app.delete("/api/sessions/{sid}")
     def close(sid: str):
-        with guard:
-            session = sessions.pop(sid, None)
-        if session:
-            session.close()
-        return {"id": sid, "status": "closed"}
+        return service.close(sid)
 
     return app
 
 
-
+def answer(exc: HTTPError) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status)

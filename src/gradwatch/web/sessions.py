@@ -55,7 +55,10 @@ def finding_json(f) -> dict:
 
 
 class Session:
-    """A tab's run: status ``idle | running | paused | finished | diverged | saved``, and what it showed."""
+    """A tab's run: status ``idle | running | paused | finished | diverged | saved | error``, and what it showed.
+
+    ``error``: the trainer raised; ``error`` holds its one-line reason until a reset starts over.
+    """
 
     def __init__(self, spec: Spec, slots: threading.Semaphore):
         self.id = uuid.uuid4().hex[:12]
@@ -74,7 +77,7 @@ class Session:
         training = Training(spec)  # may raise SpecError (e.g. an output that cannot fit the data)
         with self.lock:
             self.spec, self.training = spec, training
-            self.status, self.pending, self.saved = "idle", 0, None
+            self.status, self.pending, self.saved, self.error = "idle", 0, None, None
             self.history: dict[str, list] = {k: [] for k in ("epoch", *SCALARS)}
             self.weights: dict[str, list[float]] = {}
             self.layers: dict[str, dict[str, float | None]] = {}
@@ -89,7 +92,7 @@ class Session:
     def command(self, name: str) -> None:
         """``train``, ``pause`` or ``step``; a finished or saved run ignores them (reset starts over)."""
         with self.lock:
-            if self.status in ("finished", "diverged", "saved"):
+            if self.status in ("finished", "diverged", "saved", "error"):
                 return
             if name == "train":
                 self.status = "running"
@@ -131,7 +134,12 @@ class Session:
                 with self.lock:
                     if self.closed or self.status not in ("running", "paused"):
                         continue  # reset, finished or saved while this thread waited for a slot
-                self._after_epoch(self.training.epoch())
+                try:
+                    self._after_epoch(self.training.epoch())
+                except Exception as exc:  # any failure: the page must say so, not spin on "running" forever
+                    with self.lock:
+                        self.status = "error"
+                        self.error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:300]
             time.sleep(0.001)  # let a waiting session take the slot before this one asks again
 
     def _after_epoch(self, scalars: dict | None) -> None:
@@ -205,6 +213,7 @@ class Session:
                 "findings": list(self.findings),
                 "boundary_version": self.boundary_version,
                 "saved": self.saved,
+                "error": self.error,
             }
             if boundary_version != self.boundary_version:
                 out["boundary"] = self.boundary

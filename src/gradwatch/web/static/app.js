@@ -255,6 +255,7 @@ function renderStatus() {
   const s = app.state;
   if (!s) return;
   $("status").textContent = s.status;
+  if (s.status === "error") showError(`training stopped: ${s.error} (reset to start over)`);
   $("epoch").textContent = s.epoch;
   $("epochs").textContent = s.epochs;
   const h = app.history;
@@ -265,7 +266,7 @@ function renderStatus() {
   const span = app.ticks.length > 1 ? (app.ticks[app.ticks.length - 1] - app.ticks[0]) / 1000 : 0;
   $("rate").textContent = s.status === "running" && span > 0.5 ? ((app.ticks.length - 1) / span).toFixed(1) : "0";
   const running = s.status === "running";
-  const over = ["finished", "diverged", "saved"].includes(s.status);
+  const over = ["finished", "diverged", "saved", "error"].includes(s.status);
   $("train").disabled = running || over;
   $("pause").disabled = !running;
   $("step").disabled = over;
