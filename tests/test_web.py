@@ -134,6 +134,29 @@ def test_sessions_are_bounded_and_unknown_ones_are_404(client):
     assert res.status_code == 404 and res.json()["detail"].startswith("command: got 'fly'")
 
 
+def test_a_trainer_that_dies_shows_error_with_its_reason_and_resets(client, monkeypatch):
+    from gradwatch.train import Training
+
+    sid = client.post("/api/sessions", json=SMALL).json()["id"]
+    epoch = Training.epoch
+
+    def broken(self):
+        raise RuntimeError("Expected more than 1 value per channel when training\nsecond line")
+
+    monkeypatch.setattr(Training, "epoch", broken)
+    client.post(f"/api/sessions/{sid}/train")
+    state = wait_for(client, sid, "error")
+    assert state["error"] == "RuntimeError: Expected more than 1 value per channel when training"
+    res = client.post(f"/api/sessions/{sid}/save")
+    assert res.status_code == 409 and res.json()["detail"].startswith("status: got 'error'")
+    monkeypatch.setattr(Training, "epoch", epoch)
+    client.post(f"/api/sessions/{sid}/reset")
+    state = client.get(f"/api/sessions/{sid}/state").json()
+    assert (state["status"], state["error"]) == ("idle", None)
+    client.post(f"/api/sessions/{sid}/train")
+    assert wait_for(client, sid, "finished")["epoch"] == 3
+
+
 def test_sessions_nobody_polls_are_reaped(tmp_path):
     app = create_app(tmp_path / "runs.db", idle_s=0.3)
     with TestClient(app, **OWN) as c:

@@ -305,11 +305,13 @@ def click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
 def usage_line(exc) -> str:
     """click's usage error as one line: what was wrong, and where the allowed forms are."""
     ctx = getattr(exc, "ctx", None)
-    where = ctx.command_path if ctx is not None else "gradwatch"
-    if type(exc).__name__ == "NoArgsIsHelpError":  # `gradwatch` alone: click's message is the whole help
-        commands = ", ".join(sorted(ctx.command.list_commands(ctx))) if ctx is not None else ""
-        return f"{where}: got no command; allowed: {commands} (see {where} --help)"
     message = " ".join(exc.format_message().split())
+    if ctx is None:  # not a usage error (click's FileError, say): its message alone
+        return message
+    where = ctx.command_path
+    if type(exc).__name__ == "NoArgsIsHelpError":  # `gradwatch` alone: click's message is the whole help
+        commands = ", ".join(sorted(ctx.command.list_commands(ctx)))
+        return f"{where}: got no command; allowed: {commands} (see {where} --help)"
     return f"{where}: {message} (see {where} --help)"
 
 
@@ -336,7 +338,7 @@ def main() -> None:
     except abort:
         sys.exit(130)
     except usage as exc:
-        fail(usage_line(exc) if hasattr(exc, "ctx") else exc.format_message())
+        fail(usage_line(exc))
     except Exception as exc:
         line = user_error(exc)
         if line is None:

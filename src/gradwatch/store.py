@@ -5,8 +5,9 @@ at any moment leaves every finished run intact and no half-written one; that is 
 resume by skipping the keys already stored. The store only ever adds runs.
 
 A sweep can leave 100,000 runs behind, so listing must not read what only one run's report needs:
-a summary's arrays (the decision-boundary grid, the first layer's weights; ~50 KB a run) live in
-their own table that only ``get`` reads, and ``runs``/``get`` find rows by index, a page at a time.
+a summary's arrays (the decision-boundary grid, the first layer's weights; ~54 KB of JSON a run, a
+few KB once zlib'd) live in their own table that only ``get`` reads, and ``runs``/``get`` find rows
+by index, a page at a time.
 Anything wrong with the file itself (a folder, a text file, a truncated database, no write access)
 is one SpecError line naming the path, raised when the store is opened, before any training.
 """
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import sqlite3
+import zlib
 from pathlib import Path
 
 from gradwatch.records import Records, Run
@@ -32,7 +34,7 @@ CREATE INDEX IF NOT EXISTS runs_key ON runs(key);
 CREATE INDEX IF NOT EXISTS runs_name ON runs(name, created);
 CREATE INDEX IF NOT EXISTS runs_group ON runs(grp, created);
 CREATE INDEX IF NOT EXISTS runs_created ON runs(created);
-CREATE TABLE IF NOT EXISTS arrays (run TEXT PRIMARY KEY REFERENCES runs(id), summary TEXT);
+CREATE TABLE IF NOT EXISTS arrays (run TEXT PRIMARY KEY REFERENCES runs(id), summary BLOB);  -- zlib'd JSON
 CREATE TABLE IF NOT EXISTS records (
     run TEXT REFERENCES runs(id), step INTEGER, epoch INTEGER, layer TEXT, stat TEXT, value REAL);
 CREATE INDEX IF NOT EXISTS records_run ON records(run);
@@ -101,7 +103,8 @@ class Store:
                  json.dumps(run.spec), json.dumps(scalars)),
             )
             if arrays:
-                self._db.execute("INSERT INTO arrays VALUES (?, ?)", (run.id, json.dumps(arrays)))
+                packed = zlib.compress(json.dumps(arrays).encode())
+                self._db.execute("INSERT INTO arrays VALUES (?, ?)", (run.id, packed))
             self._db.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?, ?)", rows)
         return run.id
 
@@ -160,6 +163,7 @@ class Store:
     def get(self, ref: str) -> Run:
         """The whole run: records, and the summary with its arrays."""
         run_id = self.resolve(ref)
+        # json.loads(row[-1]) and not head["summary"]: a store written before arrays moved out has them inline
         row = self._db.execute("SELECT id, key, name, grp, status, created, spec, summary FROM runs WHERE id = ?",
                                (run_id,)).fetchone()
         head = _head(row)
@@ -168,7 +172,7 @@ class Store:
             "SELECT step, epoch, layer, stat, value FROM records WHERE run = ? ORDER BY rowid", (run_id,)
         )
         records = Records((s, e, layer, stat, math.nan if v is None else v) for s, e, layer, stat, v in rows)
-        summary = {**json.loads(row[-1]), **(json.loads(arrays[0]) if arrays else {})}  # old stores: arrays inline
+        summary = {**json.loads(row[-1]), **(json.loads(zlib.decompress(arrays[0])) if arrays else {})}
         return Run(records=records, spec=head["spec"], summary=summary, status=head["status"],
                    name=head["name"], group=head["group"], key=head["key"], id=run_id, created=head["created"])
 
