@@ -1,4 +1,4 @@
-"""Every user mistake is one line: a table of bad inputs across the CLI, spec files, study files, stores and the web API.
+"""Every user mistake is one line: a table of bad inputs across the CLI, spec and study files, stores and the web API.
 
 Each CLI row runs the real entry point (``cli.main``, click's parsing included) and asserts exit code 2,
 one ``error:`` line on stderr, no traceback and a store whose runs are unchanged; each web row asserts
