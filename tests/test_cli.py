@@ -69,3 +69,20 @@ def test_demo_writes_json_table_and_report(tmp_path):
     assert cases[0]["verdict"] == "vanishing" and cases[2]["verdict"] == "healthy"
     assert (tmp_path / "report" / "index.html").exists()
     assert "deep_sigmoid" in out.stdout and "report:" in out.stdout
+
+
+def test_help_imports_no_heavy_library():
+    """`gradwatch --help` must answer at once: torch, sklearn, matplotlib and pandas load only in the commands."""
+    probe = ("import sys\nfrom gradwatch import cli\nprint(sorted(m for m in ('torch', 'sklearn', 'matplotlib', "
+             "'pandas', 'pydantic') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_each_command_writes_its_own_report_folder(tmp_path):
+    out = gradwatch("train", "model.depth=2", "train.epochs=1", "--name", "one", "--store", "runs.db", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert gradwatch("report", "--store", "runs.db", cwd=tmp_path).returncode == 0
+    assert (tmp_path / "gradwatch-report" / "report" / "index.html").exists()
+    listed = gradwatch("runs", "--store", "runs.db", cwd=tmp_path)
+    assert "1 run(s): page 1 of 1, newest first" in listed.stdout

@@ -46,6 +46,7 @@ def test_study_runs_on_a_tiny_budget_and_yields_its_table(results, name):
     result = results[0][name]
     assert result.rows and set(result.rows[0]) == COLUMNS[name]
     assert result.conclusion and result.figures
+    assert result.conclusion.startswith("QUICK RUN (tiny budgets")  # printed and on every page: no firm claim
 
 
 def test_rerun_reuses_stored_runs(results):

@@ -23,7 +23,6 @@ errors = Console(stderr=True, soft_wrap=True)
 STORE = typer.Option(None, "--store", help="SQLite run store (default ./gradwatch-runs/runs.db or $GRADWATCH_STORE)")
 REPORTS = Path("gradwatch-report")  # each command writes its own folder under it: demo/, sweep-NAME/, ...
 OUT = typer.Option(None, "--out", help="folder for the HTML report and PNGs (default gradwatch-report/COMMAND)")
-QUICK = "QUICK (tiny budgets: checks the machinery, proves nothing)"
 PAGE = 50  # runs a page of `gradwatch runs` lists
 
 
@@ -224,7 +223,7 @@ def study(
     store: Path = STORE,
 ) -> None:
     """Run a built-in study (or all of them): tables, conclusions computed from data, an HTML report."""
-    from gradwatch.studies import STUDIES, run_study
+    from gradwatch.studies import QUICK, STUDIES, run_study
     from gradwatch.studies.all import run_all, write_page
 
     if name != "all" and name not in STUDIES:

@@ -28,6 +28,7 @@ class Result:
     figures: list[tuple[object, str, str]] = field(default_factory=list)  # (Figure, caption, stem)
 
 
+QUICK = "QUICK RUN (tiny budgets: checks the machinery, proves nothing)"
 THIN = 10  # per-step gradient norms kept every 10th step: hundreds of runs stay a few MB each study
 
 # name -> module under gradwatch.studies; each has a test on a tiny budget
@@ -71,7 +72,10 @@ def run_study(name: str, store: Store, workers: int | None = None, quick: bool =
                 on_run(run)
 
         sweep.run_many(fresh, done, processes=workers or sweep.workers())  # MLPs of one shape train stacked
-    return study.summarize(runs)
+    result = study.summarize(runs)
+    if quick:  # the console and every page print the conclusion: a quick one must not read as a finding
+        result.conclusion = f"{QUICK}. {result.conclusion}"
+    return result
 
 
 def by_name(runs: list[Run]) -> dict[str, list[Run]]:
