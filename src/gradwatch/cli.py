@@ -198,13 +198,15 @@ def report_cmd(
 def serve(host: str = typer.Option("127.0.0.1", help="address to bind (127.0.0.1: this machine only)"),
           port: int = typer.Option(8000, min=1, max=65535), store: Path = STORE) -> None:
     """Open the playground: train a net in the browser and watch its gradients live."""
+    import os
+
     import uvicorn
 
-    from gradwatch.web.app import LOOPBACK, create_app
-
-    app = create_app(_store(store).path, hosts=(*LOOPBACK, host))  # the page's Save puts runs in the store
+    if store:
+        os.environ["GRADWATCH_STORE"] = str(store)  # where the page's Save puts runs
+    os.environ["GRADWATCH_HOST"] = host  # the name the app answers to besides loopback's
     console.print(f"gradwatch playground: http://{host}:{port}/  (Ctrl+C stops it)")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run("gradwatch.web.app:create_app", factory=True, host=host, port=port, log_level="warning")
 
 
 def print_findings(findings) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from contextlib import asynccontextmanager
 from operator import attrgetter
 from pathlib import Path
@@ -146,11 +147,13 @@ def depth(value: object) -> int:
 
 
 def create_app(store_path: str | Path | None = None, max_sessions: int = 16, idle_s: float = IDLE_S,
-               train_slots: int = 2, hosts: tuple[str, ...] = LOOPBACK) -> FastAPI:
+               train_slots: int = 2, hosts: tuple[str, ...] | None = None) -> FastAPI:
     """The playground app; ``train_slots`` sessions train at once, the rest wait their turn.
 
-    ``hosts``: the names this server answers to (loopback; ``gradwatch serve --host`` adds its own).
+    ``hosts``: the names this server answers to; by default loopback's and ``$GRADWATCH_HOST``, which
+    ``gradwatch serve --host`` sets to the address it binds.
     """
+    hosts = hosts or tuple(dict.fromkeys([*LOOPBACK, *filter(None, [os.environ.get("GRADWATCH_HOST")])]))
     torch.set_num_threads(1)  # tiny nets: intra-op threads only fight the other sessions for cores
     service = Sessions(store_path, max_sessions, idle_s, train_slots)
 
