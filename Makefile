@@ -33,6 +33,7 @@ test: $(STAMP) browser
 bench: $(STAMP)
 	$(BIN)/python benchmarks/monitor_overhead.py
 	$(BIN)/python benchmarks/sweep_throughput.py
+	$(BIN)/python benchmarks/store_scale.py
 
 study: $(STAMP)
 	$(BIN)/gradwatch study all

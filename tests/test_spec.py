@@ -60,3 +60,33 @@ def test_unreadable_or_malformed_files_are_one_line_errors(tmp_path):
         Spec.from_file(tmp_path / "list.yaml")
     with pytest.raises(SpecError, match="no '='"):
         from_flags(["model.depth"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "line"),
+    [
+        ({"data.n_samples": 8, "data.test_size": 0.99}, "data.test_size: got 0.99; allowed: at most 7/8"),
+        ({"model.kind": "gru"}, "data.name: got 'moons'; allowed: adding, recall (for model.kind=gru)"),
+        ({"data.name": "recall"}, "data.name: got 'recall'; allowed: moons, circles, spirals, xor, digits"),
+        ({"model.norm": "batch", "train.batch_size": 199}, "train.batch_size: got 199; allowed: a size leaving >= 2"),
+        ({"model.norm": "batch", "data.name": "digits", "data.n_samples": 5000, "train.batch_size": 1436},
+         "train.batch_size: got 1436"),  # digits has 1,797 images whatever n_samples asks: 1,437 train
+    ],
+)
+def test_fields_that_cannot_run_together_are_one_line(flags, line):
+    with pytest.raises(SpecError) as err:
+        Spec().replace(**flags)
+    assert str(err.value).startswith(line) and "\n" not in str(err.value)
+
+
+def test_the_cross_field_checks_agree_with_what_actually_trains():
+    """The split the spec counts is scikit-learn's; batch norm trains when every batch has two samples."""
+    from gradwatch.data import load
+    from gradwatch.spec import train_size
+    from gradwatch.train import train
+
+    for n, test in ((8, 0.8), (250, 0.2), (37, 0.33), (1000, 0.999)):
+        data = Spec().replace(**{"data.n_samples": n, "data.test_size": test}).data
+        assert train_size(data) == len(load(data).x_train)
+    ok = Spec().replace(**{"model.norm": "batch", "model.depth": 2, "train.batch_size": 198, "train.epochs": 1})
+    assert train(ok).status == "finished"  # 200 = 198 + 2: the smallest last batch allowed
