@@ -149,7 +149,7 @@ def runs(store: Path = STORE, group: str = typer.Option(None, help="only runs of
         refuse(f"--group: got {group!r}; allowed: a group with stored runs ({groups})")
     pages = -(-total // PAGE)
     if page > pages:
-        refuse(f"--page: got {page}; allowed: 1 to {pages} ({total} runs, {PAGE} a page)")
+        refuse(f"--page: got {page}; allowed: 1 to {pages} ({total} run(s), {PAGE} a page)")
     rows = [{"id": r["id"], "name": r["name"], "group": r["group"], "status": r["status"],
              "final_loss": r["summary"].get("final_loss") or float("nan"), "verdict": r["summary"].get("verdict", "")}
             for r in db.runs(group, limit=PAGE, offset=(page - 1) * PAGE, newest_first=True)]
