@@ -72,6 +72,7 @@ CLI = [
     ("flag without =", ["train", "model.depth"], "model.depth: got no '='"),
     ("unknown activation", ["train", "model.activation=sigmod"], "model.activation: got 'sigmod'; allowed: sigmoid"),
     ("unknown field", ["train", "model.depht=3"], "model.depht: unknown field; allowed: kind, depth"),
+    ("markup in a field name", ["train", "model.[bold]x=3"], "model.[bold]x: unknown field"),
     ("out of range", ["train", "model.depth=-1"], "model.depth: got -1; allowed: >= 0 and <= 256"),
     ("recurrent on 2-D data", ["train", "model.kind=lstm"], "data.name: got 'moons'; allowed: adding, recall"),
     ("MLP on sequences", ["train", "data.name=adding"], "data.name: got 'adding'; allowed: moons"),

@@ -349,6 +349,9 @@ def main() -> None:
         sys.exit(code)
 
 
-def fail(line: str) -> None:
-    errors.print(f"[red]error: {line}[/]", highlight=False, markup=True)
+def fail(line: str) -> NoReturn:
+    """Print ``error: line`` in red (its brackets are text: ``model.[bold]`` is not markup) and exit 2."""
+    from rich.markup import escape
+
+    errors.print(f"[red]error: {escape(line)}[/]", highlight=False)
     sys.exit(2)
