@@ -66,8 +66,8 @@ CLI = [
     ("empty run name", ["show", ""], "run: got ''; allowed: a run id"),
     ("unknown run", ["show", "nope"], "run: got 'nope'"),
     ("diagnose unknown run", ["diagnose", "nope"], "run: got 'nope'"),
-    ("report unknown run", ["report", "nope", "--out", "{d}/r"], "run: got 'nope'"),
-    ("report unknown group", ["report", "--group", "nosuch", "--out", "{d}/r"], "--group: got 'nosuch'"),
+    ("report unknown run", ["report", "nope"], "run: got 'nope'"),
+    ("report unknown group", ["report", "--group", "nosuch"], "--group: got 'nosuch'"),
     ("unsafe run name", ["train", "--name", "a/b"], "name: got 'a/b'; allowed: up to 100 letters"),
     ("flag without =", ["train", "model.depth"], "model.depth: got no '='"),
     ("unknown activation", ["train", "model.activation=sigmod"], "model.activation: got 'sigmod'; allowed: sigmoid"),
@@ -119,6 +119,15 @@ def test_cli_mistake_is_one_line_exit_2_and_store_unchanged(place, monkeypatch, 
     assert out.out == ""
     assert stored(place / "runs.db") == before
     assert not (place / "gradwatch-report").exists()
+
+
+def test_a_report_of_more_runs_than_fit_is_refused_before_reading_them(place, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "REPORT_MAX", 0)
+    monkeypatch.setattr(sys, "argv", ["gradwatch", "report", "--store", str(place / "runs.db")])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert capsys.readouterr().err.strip() == ("error: runs: got 1; allowed: at most 0 in one report (name them, "
+                                               "or choose a --group)")
 
 
 def test_usage_errors_of_either_click_are_one_line(monkeypatch, capsys):

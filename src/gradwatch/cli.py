@@ -24,6 +24,7 @@ STORE = typer.Option(None, "--store", help="SQLite run store (default ./gradwatc
 REPORTS = Path("gradwatch-report")  # each command writes its own folder under it: demo/, sweep-NAME/, ...
 OUT = typer.Option(None, "--out", help="folder for the HTML report and PNGs (default gradwatch-report/COMMAND)")
 PAGE = 50  # runs a page of `gradwatch runs` lists
+REPORT_MAX = 500  # runs one report reads whole: ~2 MB of records each for a seed-sized run
 
 
 def refuse(line: str) -> NoReturn:
@@ -186,11 +187,15 @@ def report_cmd(
     from gradwatch.report.html import write_report
 
     db = _store(store)
-    out = out_dir(out, f"group-{group}" if group else "report")
-    chosen = [db.get(ref) for ref in refs] if refs else [db.get(r["id"]) for r in db.runs(group)]
-    if not chosen:
+    ids = [db.resolve(ref) for ref in refs] if refs else [r["id"] for r in db.runs(group, limit=REPORT_MAX + 1)]
+    if not ids:
         groups = ", ".join(db.groups()) or "none yet"
         refuse(f"--group: got {group!r}; allowed: a group with stored runs ({groups})")
+    if len(ids) > REPORT_MAX:  # each run's records are read whole: 100,000 runs would not fit in memory
+        refuse(f"runs: got {len(ids) if refs else db.count(group)}; allowed: at most {REPORT_MAX} in one report "
+               "(name them, or choose a --group)")
+    out = out_dir(out, f"group-{group}" if group else "report")
+    chosen = [db.get(run_id) for run_id in ids]
     console.print(f"report: {write_report(chosen, out, title=f'gradwatch report: {len(chosen)} run(s)').resolve()}")
 
 
