@@ -170,6 +170,8 @@ WEB = [
     ("empty train set", "POST", "/api/sessions", {}, b'{"data.n_samples": 8, "data.test_size": 0.99}', 422,
      "data.test_size: got 0.99"),
     ("recurrent net", "POST", "/api/sessions", {}, b'{"model.kind": "lstm"}', 422, "data.name: got 'moons'"),
+    ("a query that is not a number", "GET", "/api/sessions/x/state?since=abc", {}, b"", 422,
+     "since: got 'abc'; allowed: input should be a valid integer"),
     ("unknown session state", "GET", "/api/sessions/nope/state", {}, b"", 404, "session: got 'nope'"),
     ("unknown session close", "DELETE", "/api/sessions/nope", {}, b"", 404, "session: got 'nope'"),
     ("unknown session command", "POST", "/api/sessions/nope/train", {}, b"", 404, "session: got 'nope'"),

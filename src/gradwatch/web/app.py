@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -173,6 +174,7 @@ def create_app(store_path: str | Path | None = None, max_sessions: int = 16, idl
         return answer(refused) if refused else await call_next(request)
 
     app.add_exception_handler(HTTPError, lambda _request, exc: answer(exc))
+    app.add_exception_handler(RequestValidationError, lambda _request, exc: answer(invalid(exc)))
 
     @app.get("/", include_in_schema=False)
     def index():
@@ -201,6 +203,12 @@ def create_app(store_path: str | Path | None = None, max_sessions: int = 16, idl
         return service.close(sid)
 
     return app
+
+
+def invalid(exc: RequestValidationError) -> HTTPError:
+    """FastAPI's list of parameter errors as the house's one line, e.g. ``since: got 'abc'; allowed: ...``."""
+    err = exc.errors()[0]
+    return HTTPError(422, f"{err['loc'][-1]}: got {err.get('input')!r}; allowed: {err['msg'].lower()}")
 
 
 def answer(exc: HTTPError) -> JSONResponse:
