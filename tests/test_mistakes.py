@@ -201,4 +201,4 @@ def test_web_unknown_command_and_early_save_are_4xx(tmp_path):
 
 
 def test_the_table_covers_at_least_40_mistakes():
-    assert len(CLI) + len(WEB) + 2 >= 40
+    assert len(CLI) + len(WEB) >= 40  # the acceptance floor; rows are only ever added
