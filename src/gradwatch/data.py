@@ -29,6 +29,17 @@ class Dataset:
     task: str  # "binary" | "multiclass" | "regression"
 
 
+GRID = 50  # decision-boundary grid points per side
+
+
+def plane(x: torch.Tensor, n: int = GRID) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(xs (n,), ys (n,), points (n * n, 2)): an n x n grid 0.5 beyond 2-D data on every side, row by row
+    in y (``meshgrid(indexing="xy")``), where a decision boundary is drawn."""
+    lo, hi = x.min(0).values - 0.5, x.max(0).values + 0.5
+    xs, ys = torch.linspace(lo[0], hi[0], n), torch.linspace(lo[1], hi[1], n)
+    return xs, ys, torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
+
+
 def _moons(spec: DataSpec, rng: np.random.Generator):
     return make_moons(n_samples=spec.n_samples, noise=spec.noise, random_state=spec.seed)
 

@@ -9,6 +9,8 @@ such as ``loss``); ``stat`` is a key of ``stats.STATS`` or an epoch-level scalar
 
 from __future__ import annotations
 
+import math
+import statistics
 import time
 import uuid
 from collections import deque
@@ -77,6 +79,24 @@ class Records:
         frame = pd.DataFrame(list(self.rows), columns=list(COLUMNS))
         frame.insert(0, "run", run)
         return frame
+
+
+def first_over_last(values: dict[str, float]) -> float:
+    """First layer's value over the last layer's, of a layer -> value dict as ``Records.at`` gives one.
+
+    The first/last gradient-norm ratio (AUTOTRAINER's vanishing/exploding measure); NaN with fewer
+    than two layers or a last layer at 0 (or NaN).
+    """
+    names = list(values)
+    if len(names) < 2 or not values[names[-1]] > 0:
+        return math.nan
+    return values[names[0]] / values[names[-1]]
+
+
+def finite_median(values: Iterable) -> float:
+    """Median of the finite values (None, NaN and Inf left out); NaN when there are none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.median(finite) if finite else math.nan
 
 
 @dataclass

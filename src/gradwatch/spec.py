@@ -149,6 +149,14 @@ def parse(mapping: dict, cls: type[BaseModel] = Spec) -> Any:
         raise SpecError(explain(exc, cls)) from None
 
 
+def value_at(spec: BaseModel | dict, field: str) -> Any:
+    """The value of dotted ``field`` (``"model.depth"``) in a Spec or in its ``model_dump``."""
+    node = spec
+    for part in field.split("."):
+        node = node[part] if isinstance(node, dict) else getattr(node, part)
+    return node
+
+
 def _merge(base: dict, dotted: dict[str, Any]) -> dict:
     out = json.loads(json.dumps(base))
     for name, value in dotted.items():

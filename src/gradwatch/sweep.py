@@ -17,7 +17,6 @@ import itertools
 import math
 import os
 import signal
-import statistics
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -28,8 +27,8 @@ from pathlib import Path
 
 from gradwatch.data import DATASETS, check_output
 from gradwatch.ensemble import shape_key, stackable, train_many
-from gradwatch.records import Run
-from gradwatch.spec import Spec, SpecError, load_mapping, parse
+from gradwatch.records import Run, finite_median
+from gradwatch.spec import Spec, SpecError, load_mapping, parse, value_at
 from gradwatch.store import Store
 from gradwatch.train import train
 
@@ -272,10 +271,7 @@ def _table(table: dict, varied: list[str]) -> tuple[list[str], str | None, str |
 
 def json_value(spec: Spec | dict, field: str):
     """The value of dotted ``field`` in a spec (or its ``model_dump``), hashable for grouping."""
-    node = spec.model_dump(mode="json") if isinstance(spec, Spec) else spec
-    for part in field.split("."):
-        node = node[part]
-    return node
+    return value_at(spec.model_dump(mode="json") if isinstance(spec, Spec) else spec, field)
 
 
 def label(spec: Spec, varied: list[str]) -> str:
@@ -329,14 +325,9 @@ def summarize(study: Study, store: Store) -> list[dict]:
             continue
         entry = {f.rsplit(".", 1)[-1]: v for f, v in zip(study.rows, row, strict=True)}
         entry["runs"] = max(len(v) for v in columns.values())
-        entry.update({c: _median(v) for c, v in columns.items()})
+        entry.update({c: finite_median(v) for c, v in columns.items()})
         table.append(entry)
     return table
-
-
-def _median(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return statistics.median(finite) if finite else math.nan
 
 
 def report_runs(study: Study, store: Store, fresh: list[Run], per_case: int = 3) -> list[Run]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 SIGMOID_SLOPE = 0.25  # max of sigmoid'(x) = s(1 - s), reached at x = 0
+LN2 = math.log(2)  # BCE of answering p = 0.5 for every point: where a stuck binary classifier sits
 HERMITE = 60  # Gauss-Hermite nodes; even, so none sits on the kink at 0 of ReLU-like activations
 Activation = Callable[[torch.Tensor], torch.Tensor]
 

@@ -22,23 +22,16 @@ from collections.abc import Sequence
 from gradwatch.ensemble import results
 from gradwatch.ensemble.training import Ensemble
 from gradwatch.records import Run
-from gradwatch.spec import Spec, SpecError
+from gradwatch.spec import Spec, SpecError, value_at
 
 # what the members of one ensemble must share (besides PReLU, whose slopes are parameters too)
 SHARED = ("data", "model.kind", "model.depth", "model.width", "model.output_activation", "model.norm",
           "train.optimizer", "train.epochs", "train.batch_size", "train.clip_norm", "train.clip_value")
 
 
-def _field(spec: Spec, dotted: str):
-    value = spec
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def shape_key(spec: Spec) -> tuple:
     """Specs with equal keys can train in one ensemble (``sweep`` groups by it)."""
-    return (*(_field(spec, f) for f in SHARED), spec.model.activation == "prelu")
+    return (*(value_at(spec, f) for f in SHARED), spec.model.activation == "prelu")
 
 
 def stackable(spec: Spec) -> bool:
@@ -56,7 +49,7 @@ def _check(specs: list[Spec], cadence: dict[str, int]) -> None:
         for field, key, first in zip((*SHARED, "model.activation"), shape_key(spec), shape_key(specs[0]),
                                      strict=True):
             if key != first:
-                raise SpecError(f"{field}: got {_field(spec, field)!r} and {_field(specs[0], field)!r} in one "
+                raise SpecError(f"{field}: got {value_at(spec, field)!r} and {value_at(specs[0], field)!r} in one "
                                 f"ensemble; allowed: one shape per ensemble (group specs by ensemble.shape_key)")
 
 

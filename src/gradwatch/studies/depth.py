@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from gradwatch import theory
 from gradwatch.nets import ACTIVATIONS, build
-from gradwatch.records import Run
+from gradwatch.records import Run, first_over_last
 from gradwatch.spec import Spec
 
 TARGET = 0.3
@@ -80,11 +80,6 @@ def _alive(mine: list[Run], depth: int, seeds: int) -> bool:
     return len(at) == seeds and sum(map(trained, at)) * 2 > seeds
 
 
-def _ratio(values: dict[str, float]) -> float:
-    names = list(values)
-    return values[names[0]] / values[names[-1]] if len(names) > 1 and values[names[-1]] > 0 else float("nan")
-
-
 def summarize(runs: list[Run]) -> object:
     from gradwatch.studies import Result
 
@@ -101,7 +96,8 @@ def summarize(runs: list[Run]) -> object:
             detail.append({"remedy": name, "depth": depth, "trained": f"{ok}/{len(at)}",
                            "final_loss": statistics.median(r.summary["final_loss"] or float("nan") for r in at),
                            "ratio_init": statistics.median(r.summary["grad_ratio_first_last"] for r in at),
-                           "ratio_end": statistics.median(_ratio(r.records.last("weight_grad_norm")) for r in at),
+                           "ratio_end": statistics.median(first_over_last(r.records.last("weight_grad_norm"))
+                                                          for r in at),
                            "first_grad": statistics.median(_first(r.records.at("weight_grad_norm")) for r in at)})
         rows.append({"remedy": name, "trainable_depth": best, "deepest_tried": max(depths, default=0)})
     return Result(TITLE, rows, conclude(rows, detail), [(_figure(detail), _caption(detail), "trainable_depth")]) \

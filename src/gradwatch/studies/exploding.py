@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 
 from gradwatch.records import Run
 from gradwatch.studies import Result, arms, by_name
+from gradwatch.theory import LN2
 
 TITLE = "Exploding gradients: NaN recorded, and clipping by norm or value"
 MLP = {"model.activation": "relu", "model.init": "he_normal", "model.init_gain": 1.5, "model.depth": 10,
@@ -27,7 +28,7 @@ RNN = {"data.name": "adding", "data.seq_len": 10, "data.n_samples": 500, "model.
 CLIPS = {"none": {}, "clip_norm": {"train.clip_norm": 1.0}, "clip_value": {"train.clip_value": 0.1}}
 QUICK = {"train.epochs": 2, "data.n_samples": 64}
 SEEDS = 3
-CHANCE = {"mlp": math.log(2), "rnn": 1 / 6}  # what guessing scores: ln 2 on the moons, the mean's MSE on adding
+CHANCE = {"mlp": LN2, "rnn": 1 / 6}  # what guessing scores: ln 2 on the moons, the mean's MSE on adding
 
 
 def next_jobs(runs: list[Run], quick: bool = False) -> list:

@@ -22,10 +22,10 @@ from gradwatch.nets import build
 from gradwatch.records import Run
 from gradwatch.spec import Spec
 from gradwatch.studies import Result
-from gradwatch.theory import spectral_norm
+from gradwatch.theory import LN2, spectral_norm
 
 TITLE = "Sequences: the length at which a plain RNN, an LSTM and a GRU stop learning"
-CHANCE = {"adding": 1 / 6, "recall": math.log(2)}  # MSE of predicting the mean; BCE of p = 0.5
+CHANCE = {"adding": 1 / 6, "recall": LN2}  # MSE of predicting the mean; BCE of p = 0.5
 LEARNED, AT_CHANCE = 0.25, 0.9  # test loss below 25% of chance: learned; above 90%: at chance
 KINDS = ("rnn", "lstm", "gru")
 LENGTHS = (10, 20, 50, 100)
