@@ -15,6 +15,7 @@ LAYERS = [
     {"sweep", "report"},
     {"train", "ensemble"},
     {"watch", "keras", "tensorboard"},
+    {"summary"},
     {"diagnose", "store"},
     {"records"},
     {"stats", "nets", "data", "theory"},

@@ -16,7 +16,7 @@ ACTIVATIONS = ["sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "
 # noise, which Adam turns into +-lr steps whatever its size; the update ratio and batch norm's running
 # mean (so eval-mode accuracy and test loss) follow that noise. Only their presence is compared there.
 NOISE = {"accuracy", "test_accuracy", "test_loss", "update_ratio", "train_accuracy"}
-EVERY_STEP = {"loss", "grad_norm", "grad_rms", "weight_grad_norm", "seed_gradient", "percent_change", "weight"}
+EVERY_STEP = {"loss", "grad_norm", "grad_rms", "weight_grad_norm", "seed_gradient", "percent_change", "weight_trace"}
 
 CASES = {
     # every activation and init in one ensemble, with per-member residual flags and learning rates

@@ -15,6 +15,7 @@ from gradwatch import keras as gradwatch_keras  # noqa: E402
 from gradwatch.data import load  # noqa: E402
 from gradwatch.keras import GradWatch  # noqa: E402
 from gradwatch.spec import DataSpec  # noqa: E402
+from gradwatch.stats import STATS  # noqa: E402
 
 EPOCHS = 20  # the seed runs 100; the story is already plain at 20 and the file stays fast
 
@@ -134,3 +135,13 @@ def test_without_a_probe_or_a_gradient_backend_the_summary_says_so(moons, capsys
 def test_no_adam_note_under_sgd(moons, capsys):
     fit(seed_model("relu", keras.optimizers.SGD(0.1), depth=2), moons, epochs=1, verbose=1)
     assert "misleads" not in capsys.readouterr().out
+
+
+def test_the_readme_the_table_and_a_fit_agree_on_what_the_callback_records(moons):
+    from test_stats import readme_table
+
+    offered = {name for name, s in STATS.items() if s.point in gradwatch_keras.READS}
+    assert {name for name, row in readme_table().items() if row[2] == "yes"} == offered
+    watch = fit(seed_model("relu", keras.optimizers.SGD(0.1), depth=2), moons, epochs=1)
+    logs = {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert set(watch.records.stats()) == offered | logs

@@ -321,9 +321,9 @@ def test_ten_thousand_steps_stay_within_the_record_buffer():
     grown = tracemalloc.get_traced_memory()[0] - settled
     tracemalloc.stop()
     assert w.step == 10_000 and len(w.records) == 500 and w.records.rows[-1][0] == 9_990  # the last flush
-    assert len(w._norms) == 9 and not w._pending and not w._some  # steps 9991-9999 wait for the next one
+    assert len(w._reads.steps) == 9 and not w._pending and not w._some  # steps 9991-9999 wait for the next one
     w.flush()
-    assert len(w.records) == 500 and w.records.rows[-1][0] == 9_999 and not w._norms
+    assert len(w.records) == 500 and w.records.rows[-1][0] == 9_999 and not w._reads.steps
     assert grown < 64_000, grown  # bytes: nothing piles up beyond the 500 rows already held at step 1000
 
 

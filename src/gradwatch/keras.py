@@ -23,15 +23,17 @@ import keras
 import numpy as np
 import torch
 
-from gradwatch.diagnose import THRESHOLDS, verdict
+from gradwatch.diagnose import THRESHOLDS
 from gradwatch.diagnose import diagnose as _diagnose
-from gradwatch.records import Records, Run
-from gradwatch.stats import STATS, Layout, seed_measures
+from gradwatch.records import Records, Run, first_over_last
+from gradwatch.stats import Layout, at, read
 from gradwatch.store import Store
+from gradwatch.summary import summarize
 
-PROBE_STATS = ("grad_norm", "grad_rms", "grad_mean_abs", "grad_max_abs", "nonfinite")  # over each layer's weights
 VANISHING = THRESHOLDS["vanishing_ratio"][0]
-TRACE = 4  # first-kernel weights traced per epoch, as train.py does (the seed's epoch-vs-weight plot)
+# the STATS hook points a Keras fit offers the callback: per measured epoch, the weights and (the seed's
+# measures) the kernels since the start of fit; on the probe batch, each layer's and each kernel's gradient
+READS = ("grad", "kernel_grad", "weight", "kernel")
 
 # optimizer class (or a base class of it) -> why its weight change does not track the gradient
 ADAPTIVE: dict[str, str] = {
@@ -185,26 +187,27 @@ class GradWatch(keras.callbacks.Callback):
         self._measure_weights(step, epoch)
         self._measure_gradients(step, epoch)
 
+    def _record(self, step: int, epoch: int, values: dict[str, torch.Tensor]) -> None:
+        """One row per kernel layer of each entry in ``values`` (stat -> (L,))."""
+        if values:
+            rows = torch.stack(list(values.values())).tolist()  # sync: once per measured epoch and point
+            names = [name for name, _, _ in self._layers]
+            for stat, row in zip(values, rows, strict=True):
+                self.records.add_layers(step, epoch, stat, names, row)
+
     def _measure_weights(self, step: int, epoch: int) -> None:
-        """The seed's two measures on each kernel since the start of fit, weight norms, a weight trace."""
-        names = [name for name, _, _ in self._layers]
+        """The ``kernel`` entries of STATS on each kernel since the start of fit (the seed's measures), and
+        the ``weight`` entries on each layer's weights."""
         weights = [[_host(v) for v in layer.trainable_weights] for _, layer, _ in self._layers]
         kernels = [ws[k] for ws, (_, _, k) in zip(weights, self._layers, strict=True)]
         lr = _number(self.model.optimizer.learning_rate)
-        grads, pcts = seed_measures(self._initial, kernels, lr)
-        measures = {
-            "seed_gradient": grads.tolist(),
-            "percent_change": pcts.tolist(),
-            "weight_norm": STATS["weight_norm"]([w for ws in weights for w in ws], self._layout("layers", weights)),
-        }
-        for stat, values in measures.items():
-            self.records.add(step, epoch, stat, dict(zip(names, values, strict=True)))
-        trace = kernels[0].flatten()[:TRACE].tolist()
-        self.records.add(step, epoch, "weight", {f"{names[0]}[{j}]": v for j, v in enumerate(trace)})
+        self._record(step, epoch, read(at("kernel"), self._initial, kernels, lr))
+        flat = [w for ws in weights for w in ws]
+        self._record(step, epoch, read(at("weight"), flat, self._layout("layers", weights)))
 
     def _measure_gradients(self, step: int, epoch: int) -> None:
-        """Gradient statistics of the compiled loss on the probe batch: ``PROBE_STATS`` per layer, and
-        ``weight_grad_norm`` per kernel (biases left out, as train.py measures the first/last ratio)."""
+        """The ``grad`` entries of STATS on the compiled loss's gradient on the probe batch, per layer, and
+        the ``kernel_grad`` entries per kernel (biases left out, as train.py measures the first/last ratio)."""
         gradients = GRADIENTS.get(keras.backend.backend())
         if self.probe is None or gradients is None or not self._layers:
             return
@@ -212,14 +215,10 @@ class GradWatch(keras.callbacks.Callback):
         flat = gradients(self.model, variables, self._probe)
         sizes = [len(layer.trainable_weights) for _, layer, _ in self._layers]
         groups = [flat[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
-        layout = self._layout("layers", groups)
         kernels = [[group[k]] for group, (_, _, k) in zip(groups, self._layers, strict=True)]
-        values = [STATS[stat](flat, layout) for stat in PROBE_STATS]
-        values.append(STATS["weight_grad_norm"]([k for [k] in kernels], self._layout("kernels", kernels)))
-        values = torch.stack(values).tolist()  # sync: once per measured epoch
-        names = [name for name, _, _ in self._layers]
-        for stat, row in zip((*PROBE_STATS, "weight_grad_norm"), values, strict=True):
-            self.records.add(step, epoch, stat, dict(zip(names, row, strict=True)))
+        values = read(at("grad"), flat, self._layout("layers", groups))
+        values.update(read(at("kernel_grad"), [k for [k] in kernels], self._layout("kernels", kernels)))
+        self._record(step, epoch, values)
 
     # --- outputs --------------------------------------------------------------------------------
     def frame(self):
@@ -236,27 +235,14 @@ class GradWatch(keras.callbacks.Callback):
                    name=self.name or (self.model.name if self.model is not None else ""))
 
     def _summary(self) -> dict:
-        """The headline numbers under the keys ``train.summarize`` uses, where Keras has them."""
-        last = {stat: self.records.series(stat)[1][-1] for stat in ("loss", "accuracy", "val_loss", "val_accuracy")
-                if self.records.series(stat)[1]}
-        ratio = _ratio(self.records.at("weight_grad_norm"))
-        summary = {
-            "final_loss": last.get("loss"),
-            "train_accuracy": last.get("accuracy"),
-            "accuracy": last.get("val_accuracy"),
-            "test_loss": last.get("val_loss"),
-            "first_layer_grad": _first(self.records.last("seed_gradient")),
-            "first_layer_pct_change": _first(self.records.last("percent_change")),
-            "grad_ratio_first_last": ratio,
-            "steps": self._step() if self.model is not None else 0,
-        }
-        summary["verdict"] = verdict(ratio, self.status)
-        return summary
+        """The headline numbers, as ``summarize`` reads them from any run's records."""
+        return summarize(self.records, self.status)
 
     def describe(self) -> str:
         """What the callback saw, in plain language: a per-layer table, the findings, and the Adam caveat."""
         lines = [self._headline(), *self._table()]
-        start, now = _ratio(self.records.at("weight_grad_norm")), _ratio(self.records.last("weight_grad_norm"))
+        start = first_over_last(self.records.at("weight_grad_norm"))
+        now = first_over_last(self.records.last("weight_grad_norm"))
         if math.isfinite(start):
             lines.append(f"first/last kernel gradient norm: {start:.2g} at the start, {now:.2g} now "
                          f"(below {VANISHING:g} the first layers barely learn: AUTOTRAINER's vanishing threshold)")
@@ -305,12 +291,3 @@ class GradWatch(keras.callbacks.Callback):
                 f"per step however small its gradient; (old - new) / lr then counts steps, not gradient."
                 f"{evidence} Read the gradient norms, not the weight change.")
 
-
-def _first(values: dict[str, float]) -> float | None:
-    return next(iter(values.values()), None)
-
-
-def _ratio(norms: dict[str, float]) -> float:
-    """First layer's gradient norm over the last layer's (nan when there are none)."""
-    values = list(norms.values())
-    return values[0] / values[-1] if len(values) > 1 and values[-1] > 0 else math.nan

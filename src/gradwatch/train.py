@@ -2,8 +2,9 @@
 
 Keras semantics where the seed assumes them: shuffled mini-batches each epoch, the epoch's ``loss``
 is the mean of its batch losses, Adam with epsilon 1e-7, BCE on a sigmoid output. The loop attaches
-``watch()`` exactly as a user would; on top it keeps the first Dense layer's weight matrix at start
-and end so the seed's ``(old - new) / lr`` and percent change come out as the notebook defines them.
+``watch()`` exactly as a user would; on top it records the STATS entries read once per epoch on the
+Dense weight matrices (their gradients on the first batch; the seed's ``(old - new) / lr`` and percent
+change since the start, as the notebook defines them) and, for a recurrent net, dL/dh_t.
 It stores nothing: callers put the Run in a Store.
 """
 
@@ -14,15 +15,13 @@ from collections.abc import Callable
 
 import torch
 
-from gradwatch.data import check_output, load
-from gradwatch.diagnose import verdict
+from gradwatch.data import GRID, check_output, load, plane
 from gradwatch.nets import OUTPUTS, build
 from gradwatch.records import Run
 from gradwatch.spec import Spec
-from gradwatch.stats import STATS, Layout, percent_change, seed_gradient, seed_measures
+from gradwatch.stats import Layout, at, read
+from gradwatch.summary import summarize
 from gradwatch.watch import watch
-
-TRACE = 4  # first-layer weights traced per epoch (the seed's epoch-vs-weight plot)
 
 
 def make_optimizer(spec: Spec, params) -> torch.optim.Optimizer:
@@ -104,31 +103,37 @@ class Training:
             losses.append(loss.detach())
         scalars = {"loss": torch.stack(losses).mean().item()}  # sync: once per epoch
         if totals[0] is not None:
-            scalars["grad_norm_before_clip"] = torch.stack(totals).max().item()
+            scalars["grad_norm_before_clip"] = torch.stack(totals).max().item()  # sync: once per epoch
         scalars.update(evaluate(model, data, self.loss_fn, self.predict))
         w.log(epoch=self.epochs_done, **scalars)
-        record_seed_measures(w, self.dense, self.initial, spec.train.learning_rate, self.epochs_done)
+        self._record_kernels()
         self.epochs_done += 1
         self.last_loss = scalars["loss"]
         if not math.isfinite(scalars["loss"]):
             self.status = "diverged"
         return scalars
 
+    def _record(self, point: str, layers: list[str], *args) -> None:
+        """Every STATS entry of ``point`` (once per epoch) into the watcher's records, in one sync."""
+        values = read(at(point), *args)
+        if values:
+            flat = torch.cat(list(values.values())).tolist()  # sync: once per epoch and point
+            for i, stat in enumerate(values):
+                self.watcher.records.add_layers(self.watcher.step, self.epochs_done, stat, layers,
+                                                flat[i * len(layers) : (i + 1) * len(layers)])
+
     def _record_weight_grads(self) -> None:
-        """Dense weight-matrix gradient norms (biases left out), on each epoch's first batch.
+        """The ``kernel_grad`` entries: Dense weight matrices' gradients (biases left out), each epoch's first batch.
 
         The seed's and AUTOTRAINER's measure: a large output-bias gradient would otherwise mask
         the first/last ratio at initialisation.
         """
         grads = [p.grad for p in self.dense.values()]
-        if any(g is None for g in grads):
-            return
-        norms = STATS["weight_grad_norm"](grads, self.dense_layout).tolist()  # sync: once per epoch
-        values = dict(zip(self.dense, norms, strict=True))
-        self.watcher.records.add(self.watcher.step, self.epochs_done, "weight_grad_norm", values)
+        if all(g is not None for g in grads):
+            self._record("kernel_grad", list(self.dense), grads, self.dense_layout)
 
     def _record_state_grads(self) -> None:
-        """dL/dh_t norm at every time step t of a recurrent net (layers ``t0`` .. ``t<T-1>``).
+        """The ``state_signal`` entries: dL/dh_t at every time step t of a recurrent net (layers ``t0`` ..).
 
         The temporal gradient-flow picture of Pascanu et al. (2013): how much of the loss's signal
         reaches each earlier step.
@@ -137,15 +142,24 @@ class Training:
         if not states or states[0].grad is None:
             return
         grads = [h.grad for h in states]
-        norms = STATS["state_grad_norm"](grads, Layout.of([[g] for g in grads])).tolist()  # sync: once per epoch
         self.model.keep_states, self.model.states = False, []
-        values = {f"t{t}": v for t, v in enumerate(norms)}
-        self.watcher.records.add(self.watcher.step, self.epochs_done, "state_grad_norm", values)
+        self._record("state_signal", [f"t{t}" for t in range(len(grads))], grads, Layout.of([[g] for g in grads]))
+
+    @torch.no_grad()
+    def _record_kernels(self) -> None:
+        """The ``kernel`` entries per Dense layer, from the start of training to now: the seed's measures.
+
+        ``seed_gradient`` is mean |(old - new) / lr| and ``percent_change`` the median |100 (old - new) / old|,
+        exactly as the notebook computes them between the weights before and after ``fit``.
+        """
+        now = [p.detach() for p in self.dense.values()]
+        self._record("kernel", list(self.dense), list(self.initial.values()), now, self.spec.train.learning_rate)
 
     def finish(self) -> Run:
         """Detach the watcher and package the records and summary as a Run."""
         self.watcher.detach()
-        summary = summarize(self.watcher, self.start, self.first.detach(), self.spec, self.status)
+        summary = summarize(self.watcher.records, self.status, first_weights_start=self.start.tolist(),
+                            first_weights_end=self.first.detach().tolist())  # sync: once per run
         x = self.data.x_train
         if self.data.task == "binary" and x.dim() == 2 and x.shape[1] == 2:
             summary["boundary"] = boundary(self.model, x)
@@ -177,9 +191,9 @@ def evaluate(model, data, loss_fn, predict) -> dict[str, float]:
     for split, x, y in (("", data.x_train, data.y_train), ("test_", data.x_test, data.y_test)):
         z = model(x)
         if split:
-            out["test_loss"] = loss_fn(z, y).item()
+            out["test_loss"] = loss_fn(z, y).item()  # sync: once per epoch
         if data.task != "regression":
-            out[f"{split}accuracy"] = (predict(z) == y).float().mean().item()
+            out[f"{split}accuracy"] = (predict(z) == y).float().mean().item()  # sync: once per epoch
     model.train()
     return out
 
@@ -190,56 +204,10 @@ def _dense_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             and p.dim() == 2}
 
 
-def record_seed_measures(w, dense: dict, initial: dict, learning_rate: float, epoch: int) -> None:
-    """Per Dense layer, the seed's two measures from the start of training to now, plus a weight trace.
-
-    ``seed_gradient`` is mean |(old - new) / lr| and ``percent_change`` the median |100 (old - new) / old|,
-    exactly as the notebook computes them between the weights before and after ``fit``.
-    """
-    with torch.no_grad():
-        now = {n: p.detach() for n, p in dense.items()}
-        grads, pcts = seed_measures([initial[n] for n in dense], list(now.values()), learning_rate)
-        first = next(iter(dense))
-        values = torch.cat([grads, pcts, now[first].flatten()[:TRACE]]).tolist()  # sync: once per epoch
-    k = len(dense)
-    w.records.add(w.step, epoch, "seed_gradient", dict(zip(dense, values[:k], strict=True)))
-    w.records.add(w.step, epoch, "percent_change", dict(zip(dense, values[k : 2 * k], strict=True)))
-    w.records.add(w.step, epoch, "weight", {f"{first}[{j}]": v for j, v in enumerate(values[2 * k :])})
-
-
 @torch.no_grad()
-def boundary(model: torch.nn.Module, x: torch.Tensor, n: int = 50) -> dict:
-    """The model's output probability on an n x n grid around the data (for decision-boundary plots)."""
+def boundary(model: torch.nn.Module, x: torch.Tensor, n: int = GRID) -> dict:
+    """The model's output probability on ``data.plane``'s n x n grid around the data (decision-boundary plots)."""
     model.eval()
-    lo, hi = x.min(0).values - 0.5, x.max(0).values + 0.5
-    gx, gy = torch.linspace(lo[0], hi[0], n), torch.linspace(lo[1], hi[1], n)
-    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), -1).reshape(-1, 2)
-    prob = torch.sigmoid(model(grid)).reshape(n, n)
-    return {"x": gx.tolist(), "y": gy.tolist(), "p": prob.tolist()}
-
-
-def summarize(w, start: torch.Tensor, end: torch.Tensor, spec: Spec, status: str) -> dict:
-    """The headline numbers of a run: final loss/accuracy, the seed's measures, the init gradient ratio.
-
-    ``grad_ratio_first_last`` is first / last Dense layer's weight-gradient norm on the first batch.
-    """
-    recs = w.records
-    last = {stat: recs.series(stat)[1][-1] for stat in ("loss", "accuracy", "test_accuracy", "test_loss")
-            if recs.series(stat)[1]}
-    init = recs.at("weight_grad_norm", 0)
-    names = list(init)
-    ratio = init[names[0]] / init[names[-1]] if len(names) > 1 and init[names[-1]] > 0 else float("nan")
-    summary = {
-        "final_loss": last.get("loss"),
-        "accuracy": last.get("test_accuracy"),
-        "train_accuracy": last.get("accuracy"),
-        "test_loss": last.get("test_loss"),
-        "first_layer_grad": seed_gradient(start, end, spec.train.learning_rate).abs().mean().item(),
-        "first_layer_pct_change": percent_change(start, end).nanmedian().item(),
-        "grad_ratio_first_last": ratio,
-        "first_weights_start": start.tolist(),
-        "first_weights_end": end.tolist(),
-        "steps": w.step,
-    }
-    summary["verdict"] = verdict(ratio, status)
-    return summary
+    xs, ys, points = plane(x, n)
+    prob = torch.sigmoid(model(points)).reshape(n, n)
+    return {"x": xs.tolist(), "y": ys.tolist(), "p": prob.tolist()}  # sync: once per drawing

@@ -1,12 +1,12 @@
 """Ensemble: one training loop for E stacked members, step for step what ``train.Training`` does to one.
 
-Each step records what the watcher records for a single run, with the same STATS functions on a
-member axis: per-layer gradient norm and RMS every step (every ``thin``-th); every ``every`` steps
-max/mean |g|, NaN/Inf counts, update ratios, and from the forward pass activation RMS, saturation,
-dead units and the backpropagated signal; on each epoch's first batch the Dense weight-gradient
-norms; per epoch the loss, and (every ``evaluate_every``-th and at a member's last) accuracy, test
-loss and the seed's weight-change measures. Values are kept as (layers, E) tensors (``blocks``) and
-turned into Records once, at the end.
+Each step records what the watcher records for a single run, looping over the same STATS entries
+per hook point on a member axis: the every-step gradient entries every ``thin``-th step; every
+``every`` steps the sampled gradient entries, the weights and the update, and from the forward pass
+each layer's output, its backpropagated signal and each activation's output; on each epoch's first
+batch the Dense weight-matrix gradients; per epoch the loss, and (every ``evaluate_every``-th and at
+a member's last) accuracy, test loss and the ``kernel`` entries (the seed's weight-change measures).
+Values are kept as (layers, E) tensors (``blocks``) and turned into Records once, at the end.
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from torch.func import vmap
 from gradwatch.data import check_output, load
 from gradwatch.ensemble.fast import Manual, supports
 from gradwatch.ensemble.stack import Stack, spans
-from gradwatch.nets import OUTPUTS, RECTIFIERS, SATURATING
+from gradwatch.nets import OUTPUTS
 from gradwatch.spec import Spec
-from gradwatch.stats import STATS, Layout, abs_stats, percent_change, seed_gradient, update_ratio_
+from gradwatch.stats import Layout, activation_kinds, at, read
 
 BETAS, EPS = (0.9, 0.999), 1e-7  # torch Adam's betas with Keras's epsilon, as train.make_optimizer
-TRACE = 4  # first-layer weights traced per epoch, as train.TRACE
 
 def member_loss(loss_fn, z: Tensor, y: Tensor) -> Tensor:
     """nets.OUTPUTS's loss per member, (E,): the mean over each member's own batch of z (E, B, n_out)
@@ -73,7 +72,10 @@ class Ensemble:
         self.initial = {n: stack.p[n].detach().clone() for n in self.dense}  # (E, out, in) each
         self.names = tuple(stack.layers)
         # layers whose output the watcher probes for scale and backpropagated signal (not activations)
-        self.signal = tuple(n for n in self.names if stack.kinds[n] not in (*SATURATING, *RECTIFIERS))
+        self.signal = tuple(n for n in self.names if stack.kinds[n] not in activation_kinds())
+        self.stats = {point: at(point) for point in ("weight", "update", "output", "signal", "activation",
+                                                    "kernel_grad", "kernel")}  # STATS entries by hook point
+        self.stats.update(step_grad=at("grad", every_step=True), sampled_grad=at("grad", every_step=False))
         self.layout = Layout.of([[v] for v in stack.views(stack.flat)], members=True)
         self.dense_layout = Layout.of([[stack.p[n]] for n in self.dense], members=True)
         self.blocks: list[Block] = []
@@ -123,21 +125,18 @@ class Ensemble:
         loss, taps, grads = (self._by_hand if self.manual else self._by_autograd)(x, y, sampled)
         if first:  # the Dense weight-matrix gradients, before clipping (train._record_weight_grads)
             matrices = [stack.p[n].grad for n in self.dense]
-            self._push("weight_grad_norm", self.dense_layers,
-                       STATS["weight_grad_norm"](matrices, self.dense_layout, members=True))
+            self._read("kernel_grad", self.dense_layers, matrices, self.dense_layout)
         total = self._clip()
         self._record_grads(sampled)
         if sampled:
             self._record_taps(taps, grads)
-        before = stack.flat.clone() if sampled else None
+        before = stack.flat.clone() if sampled and (self.stats["weight"] or self.stats["update"]) else None
         with torch.no_grad():
             self._update()
-        if before is not None:
+        if before is not None:  # the weights before the step, as the watcher's, then the step itself
             old = stack.views(before)
-            norms = STATS["weight_norm"](old, self.layout, members=True)  # before the step, as the watcher's
-            self._push("weight_norm", self.names, norms)
-            self._push("update_ratio", self.names, update_ratio_(old, stack.views(stack.flat), self.layout,
-                                                                 members=True, old=norms))
+            self._read("weight", self.names, old, self.layout)
+            self._read("update", self.names, old, stack.views(stack.flat), self.layout)
         self.step += 1
         return loss.detach(), total
 
@@ -200,35 +199,31 @@ class Ensemble:
     def _push(self, stat: str, names: tuple[str, ...], values: Tensor, part: slice | None = None) -> None:
         self.blocks.append((self.step, self.epochs_done, stat, names, values.detach(), part))
 
+    def _read(self, point: str, names: tuple[str, ...], *args) -> None:
+        """Push every STATS entry of ``point`` (``self.stats``' key) read from ``args`` on all members."""
+        for stat, values in read(self.stats[point], *args, members=True).items():
+            self._push(stat, names, values)
+
     def _record_grads(self, sampled: bool) -> None:
         grads = self.stack.views(self.stack.grad)  # (E, n_layer) each
         if self.step % self.thin == 0:
-            norms = STATS["grad_norm"](grads, self.layout, members=True)  # (L, E)
-            self._push("grad_norm", self.names, norms)
-            self._push("grad_rms", self.names, norms / self.layout.numel.sqrt()[:, None])
+            self._read("step_grad", self.names, grads, self.layout)
         if sampled:
-            highest, mean = abs_stats(grads, self.layout, members=True)  # grad_max_abs, grad_mean_abs: one read
-            self._push("grad_max_abs", self.names, highest)
-            self._push("grad_mean_abs", self.names, mean)
-            self._push("nonfinite", self.names, STATS["nonfinite"](grads, self.layout, members=True))
+            self._read("sampled_grad", self.names, grads, self.layout)
 
     def _record_taps(self, taps: dict[str, Tensor], grads: dict[str, Tensor]) -> None:
         """Sampled-step forward/backward statistics, taken where the watcher's module hooks take them."""
         outs = [taps[n].detach() for n in self.signal]
         layout = Layout.of([[o] for o in outs], members=True)
-        self._push("act_rms", self.signal, STATS["act_rms"](outs, layout, members=True))
-        back = [grads[n] for n in self.signal]
-        self._push("backprop_norm", self.signal, STATS["backprop_norm"](back, layout, members=True))
+        self._read("output", self.signal, outs, layout)
+        self._read("signal", self.signal, [grads[n] for n in self.signal], layout)
         acts = tuple(f"act{i}" for i in range(1, self.stack.depth + 1))
-        for name, part in self.stack.groups:
+        for name, part in self.stack.groups if acts else ():
             kind = type(self.stack.fns[name]).__name__
-            outputs = [taps[a].detach()[part] for a in acts]  # (E_part, H, B) each
-            if acts and kind in SATURATING:
-                fracs = STATS["saturated_frac"](outputs, [SATURATING[kind]] * len(acts), members=True)
-                self._push("saturated_frac", acts, fracs, part)
-            elif acts and kind in RECTIFIERS:  # dead_frac wants features last: (E_part, B, H)
-                fracs = STATS["dead_frac"]([o.transpose(1, 2) for o in outputs], members=True)
-                self._push("dead_frac", acts, fracs, part)
+            outputs = [taps[a].detach()[part].transpose(1, 2) for a in acts]  # (E_part, B, H): features last
+            for stat, s in self.stats["activation"].items():
+                if kind in s.kinds:
+                    self._push(stat, acts, s.fn(outputs, [s.kinds[kind]] * len(acts), members=True), part)
 
     @torch.no_grad()
     def _evaluate(self) -> dict[str, Tensor]:
@@ -254,17 +249,9 @@ class Ensemble:
 
     @torch.no_grad()
     def _record_seed_measures(self) -> None:
-        """The seed's mean |(old - new) / lr| and median % change per Dense layer, plus a weight trace."""
-        grads, pcts = [], []
-        for name in self.dense:
-            old, new = self.initial[name], self.stack.p[name]  # (E, out, in)
-            grads.append(seed_gradient(old, new, self.lr).abs().flatten(1).mean(1))
-            pcts.append(percent_change(old, new).flatten(1).nanmedian(1).values)
-        self._push("seed_gradient", self.dense_layers, torch.stack(grads))
-        self._push("percent_change", self.dense_layers, torch.stack(pcts))
-        first = self.dense_layers[0]
-        trace = self.stack.p[self.dense[0]].flatten(1)[:, :TRACE].t().clone()  # (TRACE, E), a copy: the view moves
-        self._push("weight", tuple(f"{first}[{j}]" for j in range(len(trace))), trace)
+        """The ``kernel`` entries per Dense layer since the start: the seed's measures and a weight trace."""
+        start, now = [self.initial[n] for n in self.dense], [self.stack.p[n] for n in self.dense]  # (E, out, in)
+        self._read("kernel", self.dense_layers, start, now, self.lr)
 
     # --- retiring members -------------------------------------------------------------------------
     def _retire(self, losses: list[float]) -> list[int]:

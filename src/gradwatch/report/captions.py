@@ -13,13 +13,13 @@ import math
 from sklearn.linear_model import LogisticRegression
 
 from gradwatch.diagnose import THRESHOLDS
-from gradwatch.records import Run
+from gradwatch.records import Run, finite_median, first_over_last
 from gradwatch.report import measures as m
 from gradwatch.report.figures import FIGURES
+from gradwatch.theory import LN2, SIGMOID_SLOPE
 
 TARGET_LOSS = 0.2  # the demo's bar for "the remedy trains the deep net"
 MENTION = 0.1  # a saturated or dead fraction worth a clause in a "why" sentence
-LN2 = math.log(2)
 
 ADAM_WHY = (
     "Why (old - new)/lr is not the gradient under Adam: Adam divides each step by a running RMS of "
@@ -87,8 +87,8 @@ def gradient_flow(runs: list[Run]) -> str:
     init, late = {}, {}
     for name, mine in cases.items():
         layers = m.dense_layers(mine[0].records)
-        init[name] = m.ratio(m.profile(mine, "grad_norm", "init", layers))
-        late[name] = m.ratio(m.profile(mine, "grad_norm", "late", layers))
+        init[name] = first_over_last(m.profile(mine, "grad_norm", "init", layers))
+        late[name] = first_over_last(m.profile(mine, "grad_norm", "late", layers))
     ranked = sorted((v, n) for n, v in init.items() if math.isfinite(v))
     ratios = "; ".join(f"{n} {init[n]:.1e} -> {late[n]:.1e}" for n in cases)
     text = ("Gradient norm per layer (weights and biases), input on the left, median over seeds. First/last-layer "
@@ -100,7 +100,7 @@ def gradient_flow(runs: list[Run]) -> str:
     if depth:
         text += (f"The dashed line is the chain rule's factor 0.25^k counted from the output of {m.label(deep[0])}: "
                  f"with sigmoid' <= 0.25 per layer, its {depth} sigmoid layers alone shrink the gradient by up to "
-                 f"0.25^{depth} = {m.SIGMOID_SLOPE ** depth:.1e} (the weights add factors of their own); its "
+                 f"0.25^{depth} = {SIGMOID_SLOPE ** depth:.1e} (the weights add factors of their own); its "
                  f"measured ratio is {init[m.label(deep[0])]:.1e}.")
     return text
 
@@ -132,7 +132,7 @@ def _rounded(run: Run, gradient: float) -> str:
     """A clause when plain SGD's step is below float32's resolution at the first layer's weights."""
     weights = [abs(w) for row in run.summary.get("first_weights_start", []) for w in row]
     step = run.spec.get("train", {}).get("learning_rate", math.nan) * gradient
-    half_ulp = m.median(weights) * 2.0**-24  # float32: 24-bit significand, so steps below half an ulp vanish
+    half_ulp = finite_median(weights) * 2.0**-24  # float32: 24-bit significand, so steps below half an ulp vanish
     if not step < half_ulp:
         return ""
     return (f", and its typical step lr x gradient = {step:.1e} is below half a float32 ulp of its weights "
@@ -143,10 +143,9 @@ def weight_traces(runs: list[Run]) -> str:
     moved, vanishing = {}, []
     for name, mine in m.by_case(runs).items():
         run = m.representative(mine)
-        table = m.index(run.records)
-        traces = [rows for key, rows in table.items() if key[0] == "weight"]
+        traces = list(m.traces(run).values())
         if traces:
-            moved[name] = max(abs(rows[-1][2] - rows[0][2]) for rows in traces)
+            moved[name] = abs(traces[0][-1][2] - traces[0][0][2])  # the first layer's weight
             if not math.isfinite(moved[name]):
                 del moved[name]  # a diverged run's weights: nothing to compare
         if run.summary.get("verdict") == "vanishing" and run.spec.get("train", {}).get("optimizer") == "adam":
@@ -155,10 +154,10 @@ def weight_traces(runs: list[Run]) -> str:
         return "No finite first-layer weight traces were recorded."
     low, high = min(moved, key=moved.get), max(moved, key=moved.get)
     least = "not at all" if moved[low] == 0 else f"at most {moved[low]:.1e}"
-    text = (f"Epoch against value of the first first-layer weights (the median-loss seed of each case). The "
-            f"least movement is {low}'s, {least} over training: flat lines, the seed's picture "
-            f"of a vanishing gradient. The most is {high}'s ({moved[high]:.2g}). Largest change per case: "
-            f"{_listing(moved, '.2g')}.")
+    text = (f"Epoch against value of each Dense layer's first weight (the first layer's bold; the median-loss "
+            f"seed of each case). The first-layer weight that moves least is {low}'s, {least} over training: a "
+            f"flat line, the seed's picture of a vanishing gradient. The most is {high}'s ({moved[high]:.2g}). "
+            f"Its change per case: {_listing(moved, '.2g')}.")
     adam = [n for n in vanishing if moved.get(n, 0) > 1e-2]
     if adam:
         text += (f" Yet {adam[0]}'s gradient vanishes and its weights moved {moved[adam[0]]:.2g}: under Adam the "
@@ -192,8 +191,8 @@ def why(runs: list[Run]) -> str:
 
 def _gradient_clauses(runs: list[Run]) -> list[str]:
     layers = m.dense_layers(runs[0].records)
-    start = m.ratio(m.profile(runs, "grad_norm", "init", layers))
-    end = m.ratio(m.profile(runs, "grad_norm", "late", layers))
+    start = first_over_last(m.profile(runs, "grad_norm", "init", layers))
+    end = first_over_last(m.profile(runs, "grad_norm", "late", layers))
     limit = THRESHOLDS["vanishing_ratio"][0]
     if not math.isfinite(start):
         return ["no first/last gradient ratio could be measured (NaN/Inf or a single layer)"]

@@ -16,8 +16,8 @@ from matplotlib.figure import Figure
 
 from gradwatch.records import Run
 from gradwatch.report import measures as m
+from gradwatch.theory import LN2, SIGMOID_SLOPE
 
-LN2 = math.log(2)  # the loss of answering p = 0.5 for every point: where a stuck binary classifier sits
 HIGHLIGHT = ("sigmoid", "relu")  # the seed's two activations, drawn bold
 
 
@@ -88,8 +88,8 @@ def activations(runs: list[Run]) -> Figure:
         style = {"color": _colour(i), "lw": 2.2 if bold else 0.9, "alpha": 1.0 if bold else 0.7, "label": name}
         left.plot(x, y, **style)
         right.plot(x, slope, **style)
-    right.axhline(0.25, color="k", ls=":", lw=0.8)
-    right.annotate("0.25 = max sigmoid'", (-4.8, 0.27), fontsize=7)
+    right.axhline(SIGMOID_SLOPE, color="k", ls=":", lw=0.8)
+    right.annotate(f"{SIGMOID_SLOPE} = max sigmoid'", (-4.8, SIGMOID_SLOPE + 0.02), fontsize=7)
     left.set_ylim(-2, 3)
     right.set_ylim(-0.1, 1.9)  # 1.76 = SELU's slope below 0
     left.set_title("f(x)", fontsize=9)
@@ -128,7 +128,7 @@ def _flow(ax, runs_by_case: dict[str, list[Run]], when: str, stat: str = "grad_n
         longest = max(longest, layers, key=len)
         if mine is deepest and m.sigmoid_depth(mine[0]) and stat == "grad_norm":
             n, top = len(layers), values[layers[-1]]
-            bound = [top * m.SIGMOID_SLOPE ** (n - 1 - k) for k in range(n)]
+            bound = [top * SIGMOID_SLOPE ** (n - 1 - k) for k in range(n)]
             ax.plot(range(n), bound, "k--", lw=0.9, label=f"0.25^k from the output ({m.label(mine[0])})")
     ax.set_yscale("log")
     _layer_axis(ax, longest)
@@ -168,14 +168,13 @@ def seed_vs_true(runs: list[Run]) -> Figure:
 
 
 def weight_traces(runs: list[Run]) -> Figure:
-    """Epoch against value of a few first-layer weights (the seed's flat-line picture), one panel per case."""
+    """Epoch against value of one weight per Dense layer, the first layer's bold (the seed's flat-line picture)."""
     cases = m.by_case(runs)
     fig, axes = _grid(len(cases))
     for ax, (name, mine) in zip(axes, cases.items(), strict=True):
-        table = m.index(m.representative(mine).records)
-        traces = [k for k in table if k[0] == "weight"]
-        for j, key in enumerate(traces):
-            ax.plot([e + 1 for _, e, _ in table[key]], [v for _, _, v in table[key]], lw=1, color=_colour(j))
+        traces = m.traces(m.representative(mine))
+        for j, rows in enumerate(traces.values()):
+            ax.plot([e + 1 for _, e, _ in rows], [v for _, _, v in rows], lw=1.6 if j == 0 else 0.7, color=_colour(j))
         if not traces:
             _empty(ax, "no weight traces")
         ax.set_title(name, fontsize=8)
@@ -233,7 +232,7 @@ def layer_health(runs: list[Run]) -> Figure:
             units.set(title=stat.replace("_", " ") + " per activation layer", ylim=(-0.05, 1.05))
     if m.sigmoid_depth(mine[0]):
         top = grads[layers[-1]]
-        flow.plot(range(len(layers)), [top * m.SIGMOID_SLOPE ** (len(layers) - 1 - k) for k in range(len(layers))],
+        flow.plot(range(len(layers)), [top * SIGMOID_SLOPE ** (len(layers) - 1 - k) for k in range(len(layers))],
                   "k:", lw=0.9, label="0.25^k")
     if not units.lines:
         _empty(units, "no saturation or dead-unit records\n(only sigmoid, tanh and ReLU layers are hooked)")

@@ -8,7 +8,6 @@ thirty runs of 26k rows each are read in milliseconds rather than scanned per la
 from __future__ import annotations
 
 import math
-import statistics
 import weakref
 from functools import lru_cache
 
@@ -16,10 +15,10 @@ import torch
 
 from gradwatch.data import Dataset, load
 from gradwatch.nets import ACTIVATIONS
-from gradwatch.records import Records, Run
+from gradwatch.records import Records, Run, finite_median
 from gradwatch.spec import DataSpec
 
-SIGMOID_SLOPE = 0.25  # max of sigmoid'(x) = s(1 - s), at x = 0: the chain rule's per-layer factor
+TRACE = "weight_trace"  # the STATS entry the weight-trace picture draws
 LATE = 0.1  # "late in training" = the last tenth of the recorded steps
 
 Rows = list[tuple[int, int, float]]  # (step, epoch, value)
@@ -36,12 +35,6 @@ def index(records: Records) -> dict[tuple[str, str], Rows]:
         table.setdefault((stat, layer), []).append((step, epoch, value))
     _INDEX[records] = (len(records), table)
     return table
-
-
-def median(values) -> float:
-    """Median of the finite values; NaN when there are none."""
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return statistics.median(finite) if finite else math.nan
 
 
 def label(run: Run) -> str:
@@ -65,7 +58,7 @@ def representative(runs: list[Run]) -> Run:
 
 def final_loss(runs: list[Run]) -> float:
     """Median final training loss over the seeds (what the demo's table shows)."""
-    return median(r.summary.get("final_loss") for r in runs)
+    return finite_median(r.summary.get("final_loss") for r in runs)
 
 
 def _finite(value, default: float) -> float:
@@ -91,7 +84,7 @@ def profile(runs: list[Run], stat: str, when: str, layers: list[str] | None = No
     layers = layers if layers is not None else runs[0].records.layers(stat)
     out = {}
     for layer in layers:
-        out[layer] = median(_at(index(r.records).get((stat, layer), []), when) for r in runs)
+        out[layer] = finite_median(_at(index(r.records).get((stat, layer), []), when) for r in runs)
     return out
 
 
@@ -102,7 +95,7 @@ def _at(rows: Rows, when: str) -> float:
         return rows[0][2]
     first, last = rows[0][0], rows[-1][0]
     start = last - LATE * (last - first)
-    return median(v for s, _, v in rows if s >= start)
+    return finite_median(v for s, _, v in rows if s >= start)
 
 
 def curve(runs: list[Run], stat: str = "loss") -> tuple[list[int], list[float], list[float], list[float]]:
@@ -110,7 +103,7 @@ def curve(runs: list[Run], stat: str = "loss") -> tuple[list[int], list[float], 
     series = [[v for _, _, v in index(r.records).get((stat, ""), [])] for r in runs]
     n = min((len(s) for s in series), default=0)
     columns = [[s[i] for s in series] for i in range(n)]
-    return (list(range(1, n + 1)), [median(c) for c in columns], [min(c) for c in columns],
+    return (list(range(1, n + 1)), [finite_median(c) for c in columns], [min(c) for c in columns],
             [max(c) for c in columns])
 
 
@@ -122,12 +115,10 @@ def trend(runs: list[Run], window: int) -> tuple[float, float]:
     return loss[max(len(loss) - 1 - window, 0)], loss[-1]
 
 
-def ratio(values: dict[str, float]) -> float:
-    """First layer's value over the last layer's (the first/last gradient-norm ratio)."""
-    names = list(values)
-    if len(names) < 2 or not values[names[-1]] > 0:
-        return math.nan
-    return values[names[0]] / values[names[-1]]
+def traces(run: Run) -> dict[str, Rows]:
+    """layer -> rows of the weight trace (one weight per Dense layer per epoch), input layer first."""
+    table = index(run.records)
+    return {layer: table[(TRACE, layer)] for layer in run.records.layers(TRACE)}
 
 
 def sigmoid_depth(run: Run) -> int:
@@ -152,7 +143,7 @@ def seed_vs_true(run: Run) -> tuple[dict[str, float], dict[str, float]]:
     table, n = index(run.records), steps(run)
     layers = dense_layers(run.records)
     seed = {name: table.get(("seed_gradient", name), [(0, 0, math.nan)])[-1][2] / n for name in layers}
-    true = {name: median(v for _, _, v in table.get(("grad_mean_abs", name), [])) for name in layers}
+    true = {name: finite_median(v for _, _, v in table.get(("grad_mean_abs", name), [])) for name in layers}
     return seed, true
 
 

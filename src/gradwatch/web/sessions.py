@@ -20,7 +20,8 @@ from gradwatch.records import Records
 from gradwatch.spec import Spec
 from gradwatch.train import Training, boundary
 
-LAYER_STATS = ("grad_norm", "backprop_norm", "act_rms", "saturated_frac", "dead_frac")
+LAYER_STATS = ("grad_norm", "backprop_norm", "act_rms", "saturated_frac", "dead_frac")  # the latest value: bars
+TRACE = "weight_trace"  # every epoch's value per layer, drawn as lines over epochs (the seed's weight picture)
 SCALARS = ("loss", "accuracy", "test_loss", "test_accuracy")
 WINDOW = 20_000  # rows the live diagnosis reads: the latest ~80 epochs of a 10x10 net, ~30 ms of work
 DIAGNOSE_EVERY = 1.0  # seconds between live diagnoses of a running session, at least
@@ -149,10 +150,8 @@ class Session:
         new = list(itertools.islice(reversed(rows), len(rows) - self.seen))[::-1] if len(rows) > self.seen else []
         latest: dict[str, dict[str, float | None]] = {}
         for _, _, layer, stat, value in new:  # the last value of each layer's stat wins
-            if stat in LAYER_STATS:
+            if stat in LAYER_STATS or stat == TRACE:
                 latest.setdefault(stat, {})[layer] = num(value)
-            elif stat == "weight":
-                latest.setdefault("weight", {})[layer] = num(value)
         now = time.monotonic()
         done = training.done
         findings = boundary_grid = None
@@ -167,13 +166,13 @@ class Session:
         with self.lock:
             self.seen = len(rows)
             for stat, values in latest.items():
-                if stat != "weight":
+                if stat != TRACE:
                     self.layers[stat] = {**self.layers.get(stat, {}), **values}
             if scalars is not None:
                 self.history["epoch"].append(training.epochs_done)
                 for k in SCALARS:
                     self.history[k].append(num(scalars.get(k, math.nan)))
-                for name, value in latest.get("weight", {}).items():
+                for name, value in latest.get(TRACE, {}).items():
                     self.weights.setdefault(name, []).append(value)
                 self.updates += 1
             if findings is not None:

@@ -322,7 +322,7 @@ function render() {
 
   const weights = Object.entries(app.weights).map(([name, ys]) => ({ x: h.epoch.slice(0, ys.length), y: ys.slice(), name,
     mode: "lines" }));
-  Plotly.react("weights", weights, { ...BASE, xaxis: { title: { text: "epoch" } }, yaxis: { title: { text: "weight" } } }, PLOT);
+  Plotly.react("weights", weights, { ...BASE, xaxis: { title: { text: "epoch" } }, yaxis: { title: { text: "weight_trace" } } }, PLOT);
 
   const b = app.boundary;
   if (b && b !== app.boundaryDrawn) {

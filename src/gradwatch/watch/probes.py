@@ -1,0 +1,99 @@
+"""Probes: the watcher's sampled-step module hooks, which read the STATS entries a step's forward and
+backward pass offer: each layer's output and its backpropagated signal, each activation's output."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from gradwatch.stats import Layout, Stat, activation_kinds, at, read
+
+
+class Probes:
+    """The sampled-step module hooks: each layer's output and dL/d(output), each activation's output.
+
+    A forward hook per layer (a module that owns parameters) and per module some ``activation``
+    entry reads, registered only for a sampled step (fastai's ``HookCallback(every=...)``); each
+    hook reads its module's pieces for the ``output``, ``signal`` and ``activation`` entries of
+    STATS, and ``collect`` combines them per entry, layers in model order.
+    """
+
+    def __init__(self, modules: list[tuple[str, nn.Module]], order: dict[str, int]):
+        self.points = {point: at(point) for point in ("output", "signal")}
+        self.entries = {**self.points["output"], **self.points["signal"], **at("activation")}
+        self.order = order
+        kinds = activation_kinds()
+        self.hooks = []
+        for name, module in modules:
+            kind = type(module).__name__
+            if kind in kinds:
+                reads = {stat: s for stat, s in at("activation").items() if kind in s.kinds}
+                self.hooks.append((module, partial(self._on_activation, name, kind, reads)))
+            elif name in order:
+                self.hooks.append((module, partial(self._on_forward, name)))
+        self.armed: list = []
+        self.step: int | None = None
+        self.pieces: dict[str, dict[str, object]] = {}
+        self.seen: set[tuple[str, str]] = set()
+        self.layouts: dict[int, Layout] = {}  # one-tensor layouts by element count
+
+    def arm(self, step: int) -> None:
+        self.step, self.seen = step, set()
+        self.pieces = {stat: {} for stat in self.entries}
+        self.armed = [module.register_forward_hook(hook) for module, hook in self.hooks]
+
+    def disarm(self) -> None:
+        for handle in self.armed:
+            handle.remove()
+        self.armed, self.step = [], None
+
+    def _first(self, name: str, where: str, forward: bool = True) -> bool:
+        """Only a step's first call is read (an unrolled RNN cell: its first time step, the gradient
+        that travelled furthest back), and a forward only under autograd, so an evaluation pass is not."""
+        if (name, where) in self.seen or (forward and not torch.is_grad_enabled()):
+            return False
+        self.seen.add((name, where))
+        return True
+
+    def _one(self, point: str, name: str, t: Tensor) -> None:
+        """Each ``point`` entry on one layer's tensor."""
+        layout = self.layouts.get(t.numel()) or self.layouts.setdefault(t.numel(), Layout.of([[t]]))
+        for stat, value in read(self.points[point], [t], layout).items():
+            self.pieces[stat][name] = value[0]
+
+    def _on_forward(self, name: str, _module, _inputs, output) -> None:
+        """A layer's output: its statistics now, and a hook on the autograd node that made it."""
+        out = output[0] if isinstance(output, tuple) else output
+        if not isinstance(out, Tensor) or not self._first(name, "output"):
+            return
+        self._one("output", name, out.detach())
+        if out.grad_fn is not None:  # a node pre-hook: lighter than Tensor.register_hook
+            out.grad_fn.register_prehook(partial(self._on_signal, name, self.step, out.output_nr))
+
+    def _on_signal(self, name: str, step: int, index: int, grads: tuple[Tensor | None, ...]) -> None:
+        """dL/d(layer output) arrived during backward: the backpropagated signal itself."""
+        grad = grads[index]
+        if step == self.step and grad is not None and self._first(name, "signal", forward=False):
+            self._one("signal", name, grad)
+
+    def _on_activation(self, name: str, kind: str, reads: dict[str, Stat], _module, _inputs, output) -> None:
+        if not isinstance(output, Tensor) or not self._first(name, "activation"):
+            return
+        out = output.detach()
+        out = out.movedim(1, -1) if out.dim() > 3 else out  # a conv's units are its channels, on axis 1
+        for stat, s in reads.items():  # a piece now, combined for all layers at once in collect
+            param = s.kinds[kind]
+            self.pieces[stat][name] = s.parts[0](out, param) if s.parts else s.fn([out], [param])[0]
+
+    def collect(self) -> list[tuple[str, list[str], Tensor]]:
+        """(stat, layer names in model order, values) of each entry read on the armed step."""
+        out = []
+        for stat, pieces in self.pieces.items():
+            if pieces:
+                names = sorted(pieces, key=lambda n: self.order.get(n, -1))
+                s, values = self.entries[stat], [pieces[n] for n in names]
+                combined = s.parts[1](values) if s.parts and s.point == "activation" else torch.stack(values)
+                out.append((stat, names, combined))
+        return out
