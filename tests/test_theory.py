@@ -14,9 +14,24 @@ def _phi(name):
     return ACTIVATIONS[name]().double()
 
 
-def test_sigmoid_bound_is_a_quarter_per_layer():
-    assert theory.sigmoid_bound(0) == 1.0
-    assert theory.sigmoid_bound(10) == pytest.approx(0.25**10)
+@pytest.mark.parametrize("depth", [1, 5, 10])
+def test_sigmoid_bound_is_reached_where_every_sigmoid_sits_at_its_steepest_and_never_passed(depth):
+    """A chain of sigmoids with identity weights: biases of -0.5 put every pre-activation at 0 (the
+    slope's peak), where autograd's gradient ratio is the bound; anywhere else it is below it."""
+    sigmoid = ACTIVATIONS["sigmoid"]()
+
+    def chain(x):
+        h = sigmoid(x)
+        for _ in range(depth - 1):
+            h = sigmoid(h - 0.5)
+        return h
+
+    at_peak = torch.zeros(1, requires_grad=True)
+    (slope,) = torch.autograd.grad(chain(at_peak).sum(), at_peak)
+    assert slope.item() == pytest.approx(theory.sigmoid_bound(depth), rel=1e-6)
+    elsewhere = torch.linspace(-4, 4, 81, requires_grad=True)
+    (slopes,) = torch.autograd.grad(chain(elsewhere).sum(), elsewhere)
+    assert slopes.max().item() <= theory.sigmoid_bound(depth) * (1 + 1e-6)
 
 
 @pytest.mark.parametrize(("name", "sigma_w2", "expected"), [
