@@ -53,10 +53,15 @@ def test_activation_derivative_matches_closed_form(name):
     assert torch.allclose(x.grad, DERIVATIVES[name](x.detach()), atol=1e-5)
 
 
-def test_sigmoid_derivative_peaks_at_a_quarter():
-    x = torch.linspace(-6, 6, 1001).requires_grad_()
-    torch.sigmoid(x).sum().backward()
-    assert x.grad.max().item() == pytest.approx(0.25, abs=1e-6)  # the 0.25^L chain-rule bound
+@pytest.mark.parametrize(("activation", "runs_as"), [("relu", "relu"), ("tanh", "tanh"), ("sigmoid", "tanh"),
+                                                     ("elu", "tanh")])
+def test_a_plain_rnn_runs_relu_or_tanh_and_every_other_activation_as_tanh(activation, runs_as):
+    model = build(ModelSpec(kind="rnn", width=6, activation=activation), 2, 1)
+    assert model.cell.nonlinearity == runs_as
+    x, h = torch.randn(4, 2), torch.randn(4, 6)
+    cell = model.cell
+    pre = x @ cell.weight_ih.T + cell.bias_ih + h @ cell.weight_hh.T + cell.bias_hh
+    assert torch.allclose(cell(x, h), torch.relu(pre) if runs_as == "relu" else torch.tanh(pre), atol=1e-6)
 
 
 def test_mlp_layers_are_named_like_the_seed_tables():

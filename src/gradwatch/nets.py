@@ -28,10 +28,9 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "linear": nn.Identity,
 }
 
-# activations whose outputs pile up at a bound when saturated: (low, high)
-SATURATING = {"Sigmoid": (0.0, 1.0), "Tanh": (-1.0, 1.0)}
-# the ReLU family: units counted dead when their output is exactly 0 for every input (only ReLU can die)
-RECTIFIERS = ("ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU")
+# model.activation -> torch RNNCell's nonlinearity, which has only these two: every activation not
+# listed here runs as tanh in a plain RNN (LSTM and GRU cells fix their own gates and ignore it)
+RNN_NONLINEARITY = {"relu": "relu", "tanh": "tanh"}
 
 
 def _default(w: torch.Tensor) -> None:
@@ -129,7 +128,7 @@ class Recurrent(nn.Module):
 
     def __init__(self, spec: ModelSpec, n_in: int, n_out: int):
         super().__init__()
-        kwargs = {"nonlinearity": "relu" if spec.activation == "relu" else "tanh"} if spec.kind == "rnn" else {}
+        kwargs = {"nonlinearity": RNN_NONLINEARITY.get(spec.activation, "tanh")} if spec.kind == "rnn" else {}
         self.kind = spec.kind
         self.cell = CELLS[spec.kind](n_in, spec.width, **kwargs)
         with torch.no_grad():
