@@ -137,3 +137,45 @@ def test_cli_report_writes_the_page_of_stored_runs(runs, tmp_store, tmp_path):
     out = cli.invoke(app, ["report", "--store", str(tmp_store.path), "--out", str(tmp_path / "r"), "--group", "demo"])
     assert out.exit_code == 0, out.output
     assert (tmp_path / "r" / "index.html").exists() and "index.html" in out.stdout.replace("\n", "")  # rich wraps paths
+
+
+# STATS entries no figure draws, and why: a new entry fails the test below until it is drawn or listed here
+NOT_DRAWN = {
+    "grad_rms": "grad_norm's per-entry scale, for tables and TensorBoard",
+    "grad_max_abs": "read by the diagnosis (non_finite, exploding), not drawn",
+    "nonfinite": "a finding (non_finite), not a picture",
+    "weight_norm": "for tables and TensorBoard",
+    "update_ratio": "for tables and TensorBoard",
+    "backprop_norm": "drawn by the web page (web.sessions.LAYER_STATS)",
+    "state_grad_norm": "drawn by the sequences study",
+    "percent_change": "quoted in the demo table (first_layer_pct_change)",
+}
+
+
+class _Reads(dict):
+    """A measures index that notes every (stat, layer) key the figures ask it for."""
+
+    def __init__(self, table, asked):
+        super().__init__(table)
+        self.asked = asked
+
+    def get(self, key, default=None):
+        self.asked.add(key[0])
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.asked.add(key[0])
+        return super().__getitem__(key)
+
+
+def test_every_statistic_is_drawn_by_a_figure_or_deliberately_not(runs, monkeypatch):
+    from gradwatch.stats import STATS
+
+    asked: set[str] = set()
+    index, layers = measures.index, Records.layers
+    monkeypatch.setattr(measures, "index", lambda records: _Reads(index(records), asked))
+    monkeypatch.setattr(Records, "layers", lambda self, stat: asked.add(stat) or layers(self, stat))
+    for name, figure in FIGURES.items():
+        figure(_case(runs, "he_init") if name == "layer_health" else runs)
+    drawn = {stat for stat in STATS if stat in asked}
+    assert drawn | set(NOT_DRAWN) == set(STATS) and not drawn & set(NOT_DRAWN), (drawn, set(NOT_DRAWN))

@@ -20,12 +20,12 @@ from torch.func import vmap
 
 from gradwatch.data import check_output, load
 from gradwatch.ensemble.fast import Manual, supports
-from gradwatch.ensemble.stack import Stack, spans
+from gradwatch.ensemble.optim import Optimizer
+from gradwatch.ensemble.stack import Stack
 from gradwatch.nets import OUTPUTS
 from gradwatch.spec import Spec
 from gradwatch.stats import Layout, activation_kinds, at, read
 
-BETAS, EPS = (0.9, 0.999), 1e-7  # torch Adam's betas with Keras's epsilon, as train.make_optimizer
 
 def member_loss(loss_fn, z: Tensor, y: Tensor) -> Tensor:
     """nets.OUTPUTS's loss per member, (E,): the mean over each member's own batch of z (E, B, n_out)
@@ -57,13 +57,9 @@ class Ensemble:
         self.member_loss = partial(member_loss, self.loss_fn)  # z, y -> (E,)
         self.shared_loss = vmap(self.loss_fn, in_dims=(0, None))
         self.x = self.data.x_train.t().contiguous()  # (F, N)
-        rates = [s.train.learning_rate for s in specs]
-        self.lr = torch.tensor(rates)[:, None, None]  # (E, 1, 1)
-        self.rates = spans(rates)  # (learning rate, member slice)
+        self.lr = torch.tensor([s.train.learning_rate for s in specs])[:, None, None]  # (E, 1, 1)
+        self.optimizer = Optimizer(stack, specs)
         self.alive = torch.ones(E)  # (E,): 0 for retired members, whose gradients are then exactly 0
-        if spec.train.optimizer == "adam":
-            self.m, self.v = torch.zeros_like(stack.flat), torch.zeros_like(stack.flat)  # laid out as flat
-            self.adam_step = torch.zeros(())  # torch Adam's float32 step count
         seeds = sorted({s.train.seed for s in specs})
         self.orders = [torch.Generator().manual_seed(seed) for seed in seeds]  # one shuffle per distinct seed
         self.order_of = torch.tensor([seeds.index(s.train.seed) for s in specs])  # (E,)
@@ -126,13 +122,12 @@ class Ensemble:
         if first:  # the Dense weight-matrix gradients, before clipping (train._record_weight_grads)
             matrices = [stack.p[n].grad for n in self.dense]
             self._read("kernel_grad", self.dense_layers, matrices, self.dense_layout)
-        total = self._clip()
+        total = self.optimizer.clip_()
         self._record_grads(sampled)
         if sampled:
             self._record_taps(taps, grads)
         before = stack.flat.clone() if sampled and (self.stats["weight"] or self.stats["update"]) else None
-        with torch.no_grad():
-            self._update()
+        self.optimizer.step()
         if before is not None:  # the weights before the step, as the watcher's, then the step itself
             old = stack.views(before)
             self._read("weight", self.names, old, self.layout)
@@ -164,36 +159,6 @@ class Ensemble:
         taps = {**dict(zip(names, buf["z"], strict=True)),
                 **{f"act{i}": a for i, a in enumerate(buf["a"], 1)}}
         return loss, taps, {**dict(zip(names, buf["dz"], strict=False)), "out": z.grad}
-
-    def _clip(self) -> Tensor | None:
-        """Clip each member's gradient as ``train.clip_`` does; returns its norm before clipping, (E,)."""
-        g, t, total = self.stack.grad, self.train_spec, None
-        if t.clip_norm is not None:
-            total = self.stack.member_norms(g)  # (E,)
-            coef = (t.clip_norm / (total + 1e-6)).clamp(max=1.0)[:, None]  # clip_grad_norm_'s coefficient
-            for view in self.stack.views(g):
-                view.mul_(coef)
-        if t.clip_value is not None:
-            g.clamp_(-t.clip_value, t.clip_value)
-        return total
-
-    def _update(self) -> None:
-        """Adam (torch's fused kernel, as ``Adam(fused=True)``) or SGD, one call per run of equal learning rates.
-
-        Both are elementwise, so running them on many members' stacked weights at once is exact.
-        """
-        stack, adam = self.stack, self.train_spec.optimizer == "adam"
-        whole = len(self.rates) == 1  # one learning rate: the flat buffers themselves
-        buffers = (stack.flat, stack.grad, self.m, self.v) if adam else (stack.flat, stack.grad)
-        if adam:
-            self.adam_step += 1
-        for lr, part in self.rates:
-            ps, gs, *state = ([b] for b in buffers) if whole else ([v[part] for v in stack.views(b)] for b in buffers)
-            if adam:
-                torch._fused_adam_(ps, gs, *state, [], [self.adam_step] * len(ps), lr=lr, beta1=BETAS[0],
-                                   beta2=BETAS[1], weight_decay=0.0, eps=EPS, amsgrad=False, maximize=False)
-            else:
-                torch._foreach_add_(ps, gs, alpha=-lr)  # as SGD's param.add_(grad, alpha=-lr)
 
     # --- statistics -------------------------------------------------------------------------------
     def _push(self, stat: str, names: tuple[str, ...], values: Tensor, part: slice | None = None) -> None:
@@ -279,9 +244,7 @@ class Ensemble:
         self.kept[e] = (stack.member(stack.flat, e), {k: b[e].clone() for k, b in stack.buffers.items()})
         stack.set_member_(stack.flat, e, 0.0)  # finite, so the zero gradient that reaches it stays exactly 0
         self.alive[e] = 0
-        if self.train_spec.optimizer == "adam":
-            for state in (self.m, self.v):  # Adam then moves it by 0 / (0 + eps) = 0
-                stack.set_member_(state, e, 0.0)
+        self.optimizer.forget_(e)
 
     @torch.no_grad()
     def restore(self) -> None:
