@@ -13,7 +13,13 @@ import pytest
 import torch
 from torch import nn
 
+from gradwatch import stats
 from gradwatch.watch import watch
+from test_stats import LAYERED, ref_dead, ref_saturated, ref_update_ratio
+
+# activation entry -> its naive reference on one module's output, given the entry's parameter for its kind
+ACTIVATION = {"saturated_frac": lambda out, bounds: ref_saturated(out, *bounds),
+              "dead_frac": lambda out, _: ref_dead(out)}
 
 GRADWATCH = str(Path(__file__).resolve().parents[1] / "src" / "gradwatch")
 
@@ -46,7 +52,8 @@ def close(a, b, rel=1e-5):
 
 
 def references(model, x, y, lr):
-    """Per layer, what each statistic should be: from a copy, autograd and plain tensor arithmetic."""
+    """Per layer, what each STATS entry the watcher reads should be: from a copy, autograd and
+    test_stats' naive per-layer references, so a new entry is checked here with no edit."""
     twin = copy.deepcopy(model)
     outputs, layers = {}, {n: m for n, m in twin.named_modules() if list(m.parameters(recurse=False))}
 
@@ -60,30 +67,22 @@ def references(model, x, y, lr):
         if name:
             module.register_forward_hook(keep(name))
     nn.functional.mse_loss(twin(x), y).backward()
-    ref = {stat: {} for stat in ("grad_norm", "grad_rms", "grad_max_abs", "grad_mean_abs", "nonfinite",
-                                 "weight_norm", "update_ratio", "backprop_norm", "act_rms", "saturated_frac",
-                                 "dead_frac")}
+    points = ("grad", "weight", "update", "output", "signal", "activation")  # what the watcher reads
+    ref = {stat: {} for point in points for stat in stats.at(point)}
     for name, module in layers.items():
         params = list(module.parameters(recurse=False))
-        g = torch.cat([p.grad.double().reshape(-1) for p in params])
-        w = torch.cat([p.detach().double().reshape(-1) for p in params])
-        ref["grad_norm"][name] = g.norm().item()
-        ref["grad_rms"][name] = g.square().mean().sqrt().item()
-        ref["grad_max_abs"][name] = g.abs().max().item()
-        ref["grad_mean_abs"][name] = g.abs().mean().item()
-        ref["nonfinite"][name] = float((~torch.isfinite(g)).sum())
-        ref["weight_norm"][name] = w.norm().item()  # before the step
-        ref["update_ratio"][name] = (lr * g).norm().item() / w.norm().item()  # SGD: W_new - W_old = -lr g
-        ref["backprop_norm"][name] = outputs[name].grad.double().norm().item()
-        ref["act_rms"][name] = outputs[name].detach().double().square().mean().sqrt().item()
+        tensors = {"grad": [p.grad for p in params], "weight": params, "output": [outputs[name]],
+                   "signal": [outputs[name].grad]}
+        for point, group in tensors.items():
+            for stat in stats.at(point):
+                ref[stat][name] = LAYERED[stat](group)
+        for stat in stats.at("update"):  # SGD: W_new - W_old = -lr g
+            ref[stat][name] = ref_update_ratio(params, [p.detach() - lr * p.grad for p in params])
     for name, module in twin.named_modules():
-        out = outputs.get(name)
-        if isinstance(module, (nn.Sigmoid, nn.Tanh)):
-            low = 0.0 if isinstance(module, nn.Sigmoid) else -1.0
-            margin = 0.01 * (1.0 - low)
-            ref["saturated_frac"][name] = ((out <= low + margin) | (out >= 1.0 - margin)).double().mean().item()
-        elif isinstance(module, nn.ReLU):
-            ref["dead_frac"][name] = (out == 0).all(0).double().mean().item()
+        for stat, s in stats.at("activation").items():
+            if type(module).__name__ in s.kinds:
+                out = outputs[name].detach()
+                ref[stat][name] = ACTIVATION[stat](out, s.kinds[type(module).__name__])
     return ref
 
 
