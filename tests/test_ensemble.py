@@ -4,14 +4,15 @@ import math
 
 import pytest
 
+from gradwatch import nets
 from gradwatch.ensemble import shape_key, train_many
 from gradwatch.spec import Spec, SpecError
 from gradwatch.train import train
 
 TINY = Spec().replace(**{"data.n_samples": 64, "model.depth": 3, "model.width": 5, "train.epochs": 2,
                          "train.batch_size": 16})
-INITS = ["default", "glorot_uniform", "glorot_normal", "he_uniform", "he_normal", "lecun_normal", "orthogonal"]
-ACTIVATIONS = ["sigmoid", "tanh", "relu", "leaky_relu", "elu", "selu", "gelu", "linear"]  # prelu: its own shape
+INITS = list(nets.INITS)
+ACTIVATIONS = [a for a in nets.ACTIVATIONS if a != "prelu"]  # all, so a new one is covered; prelu: own shape
 # Batch norm cancels the bias of the Dense layer before it, so that bias's gradient is pure rounding
 # noise, which Adam turns into +-lr steps whatever its size; the update ratio and batch norm's running
 # mean (so eval-mode accuracy and test loss) follow that noise. Only their presence is compared there.
