@@ -13,6 +13,7 @@ LAYERS = [
     {"cli", "web"},
     {"studies"},
     {"sweep", "report"},
+    {"doctor"},
     {"train", "ensemble"},
     {"watch", "keras", "tensorboard"},
     {"summary"},
@@ -70,14 +71,24 @@ def test_public_surface_is_small():
     import gradwatch
 
     assert len(gradwatch.__all__) <= 8
-    assert set(gradwatch.__all__) == {"Spec", "train", "watch", "diagnose", "Store", "__version__"}
+    assert set(gradwatch.__all__) == {"Spec", "train", "watch", "diagnose", "doctor", "Store", "__version__"}
+
+
+def test_public_functions_stay_functions_after_their_folders_are_imported():
+    import gradwatch
+    import gradwatch.diagnose.rules
+    import gradwatch.doctor.treatments
+    import gradwatch.train  # noqa: F401  (imports the watch folder)
+
+    assert all(callable(getattr(gradwatch, name)) for name in ("watch", "diagnose", "doctor", "train"))
 
 
 def test_every_table_is_a_plain_dict():
     from gradwatch.data import DATASETS
     from gradwatch.diagnose import REMEDIES, RULES, THRESHOLDS
+    from gradwatch.doctor import TREATMENTS
     from gradwatch.nets import ACTIVATIONS, INITS, OUTPUTS
     from gradwatch.stats import STATS
 
-    for table in (ACTIVATIONS, INITS, OUTPUTS, STATS, DATASETS, RULES, THRESHOLDS, REMEDIES):
+    for table in (ACTIVATIONS, INITS, OUTPUTS, STATS, DATASETS, RULES, THRESHOLDS, REMEDIES, TREATMENTS):
         assert type(table) is dict and table

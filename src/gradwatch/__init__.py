@@ -6,12 +6,15 @@ use (PEP 562), so ``import gradwatch.cli`` does not pay seconds of torch and sci
 before ``gradwatch --help`` can answer.
 """
 
+import sys
 from importlib import import_module
+from types import ModuleType
 
 __version__ = "0.1.0"
-__all__ = ["Spec", "train", "watch", "diagnose", "Store", "__version__"]
+__all__ = ["Spec", "train", "watch", "diagnose", "doctor", "Store", "__version__"]
 # public name -> the module that defines it
-_HOME = {"Spec": "spec", "train": "train", "watch": "watch", "diagnose": "diagnose", "Store": "store"}
+_HOME = {"Spec": "spec", "train": "train", "watch": "watch", "diagnose": "diagnose", "doctor": "doctor",
+         "Store": "store"}
 
 
 def __getattr__(name: str):
@@ -24,3 +27,20 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(__all__)
+
+
+class _Surface(ModuleType):
+    """The package, keeping each public name for the function when a same-named folder is imported.
+
+    ``watch``, ``diagnose`` and ``doctor`` are folders; importing one makes the import system set
+    ``gradwatch.<name>`` to the folder's module, after which ``gradwatch.diagnose(records)`` would
+    call a module. Refusing that one binding leaves the name to ``__getattr__`` (the function);
+    ``from gradwatch.diagnose import rules`` still finds the folder in ``sys.modules``.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if not (name in _HOME and isinstance(value, ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Surface

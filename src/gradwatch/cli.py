@@ -176,6 +176,24 @@ def diagnose_cmd(run: str = typer.Argument(..., help="run id, id prefix or name"
     print_findings(findings)
 
 
+@app.command("doctor")
+def doctor_cmd(
+    target: list[str] = typer.Argument(None, help="spec overrides (model.depth=10 model.activation=sigmoid) "
+                                       "or module:make_model, a function returning a fresh nn.Module"),
+    data: str = typer.Option(None, "--data", help="with module:make_model: module:name of (X, Y) or a DataLoader"),
+    loss: str = typer.Option("bce", "--loss", help="with module:make_model: bce, cross_entropy, mse or module:name"),
+    steps: int = typer.Option(300, min=40, help="training steps per trial"),
+    seeds: int = typer.Option(3, min=1, help="seeds per treatment"),
+    workers: int = typer.Option(1, min=1, help="worker processes for the trials"),
+) -> None:
+    """Diagnose a model, try the remedies on it and rank them by measured effect."""
+    from gradwatch.doctor import doctor
+    from gradwatch.doctor.patients import patient
+
+    rx = doctor(*patient(target or [], data, loss), steps=steps, seeds=seeds, workers=workers)
+    console.print(str(rx), markup=False, highlight=False)
+
+
 @app.command("report")
 def report_cmd(
     refs: list[str] = typer.Argument(None, help="run ids, id prefixes or names (default: every stored run)"),

@@ -1,0 +1,284 @@
+"""``doctor(make_model, data, loss_fn)``: the diagnosis's remedies, tried on the user's own model and ranked.
+
+The untreated model trains for a short budget from a few seeds, watched as any user's loop would be
+(``gradwatch.watch``); its findings (those most seeds agree on) propose treatments, each a change in
+``TREATMENTS``; every treatment trains from the same seeds on the same batches, and the treatments
+are ranked by the final loss they reach. Repair tools before it (AUTOTRAINER, ICSE 2021; DeepDiagnosis,
+ICSE 2022) apply fixes in a fixed order; Kim et al. (ICST 2023) found a random choice of repair does as
+well as them. Here every claim is a measurement on the user's model, and ``t.build()`` hands over
+the treated model, its optimizer and its clip norm to reproduce it in the user's own loop.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+
+import torch
+from torch import Tensor, nn
+
+from gradwatch.diagnose import REMEDIES, Diagnosis, diagnose
+from gradwatch.diagnose.evidence import Evidence
+from gradwatch.doctor.treatments import TREATMENTS, Plan, adam
+from gradwatch.records import Records
+from gradwatch.spec import SpecError
+from gradwatch.watch import watch
+
+__all__ = ["TREATMENTS", "Prescription", "Treatment", "doctor", "final_loss", "schedule"]
+
+LOGS = 20  # loss logs per trial: enough for the loss rules' 10-log window
+EVERY = 10  # the watcher's sampled-step cadence in a trial
+
+
+def schedule(data, steps: int, seed: int, batch_size: int = 32) -> list[tuple[Tensor, Tensor]]:
+    """The ``steps`` batches a trial from ``seed`` trains on: the same for every treatment.
+
+    ``(X, Y)`` tensors are shuffled into epochs by a generator seeded with ``seed``; any other
+    re-iterable of ``(x, y)`` batches (a DataLoader) is read one pass at a time, as it yields them.
+    """
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        x, y = data
+        order = torch.Generator().manual_seed(seed)
+        out: list[tuple[Tensor, Tensor]] = []
+        while len(out) < steps:
+            out += [(x[i], y[i]) for i in torch.randperm(len(x), generator=order).split(batch_size)]
+        return out[:steps]
+    batches: list = []
+    while len(batches) < steps:
+        one_pass = list(data)
+        if not one_pass:
+            raise SpecError("data: got an empty iterable; allowed: (X, Y) tensors or re-iterable (x, y) batches")
+        batches += one_pass
+    return batches[:steps]
+
+
+def final_loss(losses: list[float]) -> float:
+    """The mean loss of the last tenth of the steps: the trial's score (inf if it diverged)."""
+    tail = losses[-max(1, len(losses) // 10) :]
+    value = sum(tail) / len(tail) if len(losses) else math.inf
+    return value if math.isfinite(value) else math.inf
+
+
+def run_trial(plan: Plan, make_model, batches, loss_fn, seed: int) -> tuple[list[float], Records]:
+    """Train ``plan``'s model on ``batches`` from ``seed``, watched; (per-step losses, records)."""
+    torch.manual_seed(seed)
+    model, optimizer, clip_norm = plan.build(make_model, batches[0][0])
+    per_log = max(1, len(batches) // LOGS)
+    losses: list[Tensor] = []
+    with watch(model, optimizer, every=EVERY) as w:
+        for step, (x, y) in enumerate(batches):
+            optimizer.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            if clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+            optimizer.step()
+            losses.append(loss.detach())
+            if (step + 1) % per_log == 0:
+                logged = torch.stack(losses[-per_log:]).mean().item()  # sync: once per log
+                w.log(epoch=step // per_log, loss=logged)
+                if not math.isfinite(logged):
+                    break
+    return torch.stack(losses).tolist(), w.records  # sync: once per trial
+
+
+@dataclass
+class Treatment:
+    """One treatment tried: its measured losses over seeds, the findings left, and ``build()``."""
+
+    name: str
+    reason: str
+    plan: Plan
+    losses: list[float] = field(default_factory=list)  # final loss per seed
+    found: list[Diagnosis] = field(default_factory=list)  # per seed
+    _make: Callable[[], nn.Module] | None = None
+    _first_batch: Callable[[int], Tensor] | None = None
+
+    @property
+    def loss(self) -> float:
+        return statistics.median(self.losses)
+
+    @property
+    def kinds(self) -> list[str]:
+        """Finding kinds that most seeds show."""
+        counts: dict[str, int] = {}
+        for d in self.found:
+            for kind in dict.fromkeys(f.kind for f in d):
+                counts[kind] = counts.get(kind, 0) + 1
+        return [k for k, n in counts.items() if 2 * n > len(self.found)]
+
+    def ratio(self, stat: str) -> float:
+        """First/last layer ratio of ``stat`` (grad_norm or backprop_norm), median over seeds."""
+        values = [next(iter(r.values())) for r in (self._ratios.get(stat, []))]
+        return statistics.median(values) if values else math.nan
+
+    def build(self, seed: int = 0):
+        """``(model, optimizer, clip_norm)``, as the trial from ``seed`` started: train them on its batches."""
+        torch.manual_seed(seed)
+        return self.plan.build(self._make, self._first_batch(seed))
+
+    def record(self, losses: list[float], records: Records) -> None:
+        self.losses.append(final_loss(losses))
+        self.found.append(diagnose(records))
+        evidence = Evidence(records)
+        for stat in ("grad_norm", "backprop_norm"):
+            if ratios := evidence.ratios(stat):
+                self._ratios.setdefault(stat, []).append(ratios)
+
+    def __post_init__(self):
+        self._ratios: dict[str, list[dict[str, float]]] = {}
+
+
+@dataclass
+class Prescription:
+    """The untreated model's findings, the treatments tried (best first) and those that could not be."""
+
+    findings: list
+    untreated: Treatment
+    treatments: list[Treatment]
+    untried: dict[str, str]
+    seeds: int
+    steps: int
+    seconds: float
+    batches: Callable[[int], list] = field(repr=False, default=lambda seed: [])
+
+    def __str__(self) -> str:
+        head = f"gradwatch doctor: {self.seeds} seed(s) x {self.steps} steps, {self.seconds:.1f} s"
+        if not self.findings:
+            return (f"{head}\nnothing to treat: no finding in most seeds (final loss {self.untreated.loss:.3g}, "
+                    f"verdict {self.untreated.found[0].verdict})")
+        lines = [head, "findings (untreated):"] + ["  " + str(f).splitlines()[0] for f in self.findings]
+        rows = [("#", "treatment", "final loss (min-max)", "vs untreated", "grad ratio", "signal ratio", "clears",
+                 "still")]
+        for rank, t in enumerate([self.untreated, *self.treatments]):
+            change = "" if not rank else _change(t.loss, self.untreated.loss)
+            kinds = {f.kind for f in self.findings}
+            rows.append((str(rank or "-"), t.name, f"{t.loss:.3g} ({min(t.losses):.3g}-{max(t.losses):.3g})", change,
+                         f"{t.ratio('grad_norm'):.2g}", f"{t.ratio('backprop_norm'):.2g}",
+                         ", ".join(sorted(kinds - set(t.kinds))) if rank else "", ", ".join(t.kinds) or "-"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        lines += [f"not tried: {name}: {why}" for name, why in self.untried.items()]
+        return "\n".join(lines)
+
+
+def _change(loss: float, base: float) -> str:
+    if not math.isfinite(loss):
+        return "diverged"
+    return f"{100 * (loss - base) / base:+.0f}%" if base and math.isfinite(base) else "-"
+
+
+def _majority(untreated: Treatment) -> list:
+    """One finding per kind that most seeds show, in the order of severity of the first seed that has it."""
+    kinds = untreated.kinds
+    chosen = {}
+    for d in untreated.found:
+        for f in d:
+            if f.kind in kinds and f.kind not in chosen:
+                chosen[f.kind] = f
+    order = {"high": 0, "medium": 1, "low": 2}
+    return sorted(chosen.values(), key=lambda f: order[f.severity])
+
+
+def _plan(name: str, base: Plan, make_model) -> Plan | str:
+    """The Plan of treatment ``name`` (``untreated``: the user's own), decided on a fresh model."""
+    if name == "untreated":
+        return base
+    torch.manual_seed(0)
+    return TREATMENTS[name](base, make_model())
+
+
+def _remote(make_model, batches, loss_fn, optimizer, name: str, seed: int):
+    """One trial in a worker process: the plan is rebuilt there (surgeries are closures, not pickles)."""
+    torch.set_num_threads(1)
+    return run_trial(_plan(name, Plan(optimizer=optimizer or adam), make_model), make_model, batches, loss_fn, seed)
+
+
+def _fits(plan: Plan, make_model, x: Tensor) -> Plan | str:
+    """``plan`` if its model builds and runs a forward pass on ``x``, else why not (a surgery that does not fit)."""
+    torch.manual_seed(0)
+    try:
+        model, _, _ = plan.build(make_model, x)
+        with torch.no_grad():
+            model(x)
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+        return f"does not fit this model ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
+    return plan
+
+
+def _pool(workers: int | None, *picklable) -> ProcessPoolExecutor | None:
+    """Worker processes for the trials when more than one core is asked for and the user's pieces pickle.
+
+    A lambda does not pickle; then the trials run here, one after another.
+    """
+    workers = min(workers or os.cpu_count() or 1, 4)
+    if workers < 2:
+        return None
+    try:
+        pickle.dumps(picklable)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return None
+    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+
+
+def doctor(make_model: Callable[[], nn.Module], data, loss_fn: Callable, optimizer: Callable | None = None,
+           steps: int = 300, seeds: int = 3, batch_size: int = 32, workers: int | None = 1) -> Prescription:
+    """Diagnose ``make_model()``'s training, try the remedies on it, and return the ranked Prescription.
+
+    ``make_model()`` returns a fresh module (the doctor seeds it); ``data`` is ``(X, Y)`` tensors or a
+    re-iterable of ``(x, y)`` batches; ``loss_fn(output, target)``; ``optimizer`` maps parameters to
+    an optimizer (default Adam, lr 1e-3). A model with no finding gets no treatment. ``workers``:
+    processes for the trials (None: one per core), used where those four pickle.
+
+    Examples:
+        >>> rx = gradwatch.doctor(make_model, (X, Y), torch.nn.functional.cross_entropy)
+        >>> print(rx)
+        >>> model, optimizer, clip_norm = rx.treatments[0].build()
+    """
+    if steps < 2 * LOGS or seeds < 1:
+        raise SpecError(f"steps, seeds: got {steps}, {seeds}; allowed: steps >= {2 * LOGS}, seeds >= 1")
+    start = time.perf_counter()
+    plans = {seed: schedule(data, steps, seed, batch_size) for seed in range(seeds)}
+    base = Plan(optimizer=optimizer or adam)
+    kwargs = {"_make": make_model, "_first_batch": lambda seed: plans[seed][0][0]}
+
+    pool = _pool(workers, make_model, loss_fn, optimizer)
+
+    def trial(treatments: list[Treatment]) -> list[Treatment]:
+        """Every seed of every treatment; in the pool where there is one, results kept in seed order."""
+        jobs = [(t, seed) for t in treatments for seed in range(seeds)]
+        if pool:
+            futures = [pool.submit(_remote, make_model, plans[s], loss_fn, optimizer, t.name, s) for t, s in jobs]
+            results = [f.result() for f in futures]
+        else:
+            results = [run_trial(t.plan, make_model, plans[s], loss_fn, s) for t, s in jobs]
+        for (t, _), result in zip(jobs, results, strict=True):
+            t.record(*result)
+        return treatments
+
+    try:
+        (untreated,) = trial([Treatment("untreated", "", base, **kwargs)])
+        findings = _majority(untreated)
+        candidates, untried = [], {}
+        for name in dict.fromkeys(r.name for f in findings for r in f.remedies):
+            plan = _plan(name, base, make_model) if name in TREATMENTS else "a change only you can make"
+            if not isinstance(plan, str):
+                plan = _fits(plan, make_model, plans[0][0][0])
+            if isinstance(plan, str):
+                untried[name] = plan
+            else:
+                candidates.append(Treatment(name, REMEDIES[name], plan, **kwargs))
+        tried = trial(candidates)
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    tried.sort(key=lambda t: (t.loss, len(t.kinds)))
+    return Prescription(findings, untreated, tried, untried, seeds, steps, time.perf_counter() - start,
+                        lambda seed: plans[seed])

@@ -1,0 +1,136 @@
+"""The doctor on models built to fail and a healthy one: ranked by measurement, reproducible, honest."""
+
+import functools
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from gradwatch.data import load
+from gradwatch.doctor import doctor, final_loss
+from gradwatch.doctor.patients import from_spec
+from gradwatch.doctor.treatments import ReZero, residual
+from gradwatch.nets import build
+from gradwatch.spec import Spec
+
+STEPS = 200
+
+
+@pytest.fixture(scope="module")
+def deep_sigmoid():
+    """The seed's 10 x 10 sigmoid net on moons, two seeds of a short budget."""
+    make_model, data, loss_fn, optimizer = from_spec(Spec())
+    return doctor(make_model, data, loss_fn, optimizer, steps=STEPS, seeds=2)
+
+
+def test_deep_sigmoid_net_is_treated_by_what_fixes_vanishing_first(deep_sigmoid):
+    rx = deep_sigmoid
+    assert {"vanishing", "plateau"} <= {f.kind for f in rx.findings}
+    assert rx.treatments[0].name in {"relu_he", "batch_norm", "residual"}
+    best = rx.treatments[0]
+    assert best.loss < 0.5 * rx.untreated.loss and "vanishing" not in best.kinds
+    assert [t.loss for t in rx.treatments] == sorted(t.loss for t in rx.treatments)
+    assert best.ratio("grad_norm") > 1e3 * rx.untreated.ratio("grad_norm")  # the evidence moved, not only the loss
+    assert "fewer_layers" in rx.untried  # named, with why, never silently dropped
+    text = str(rx)
+    assert "untreated" in text and best.name in text and "not tried: fewer_layers" in text
+
+
+@pytest.mark.parametrize("rank", [0, -1])
+def test_build_reproduces_the_trial_loss_in_a_plain_loop(deep_sigmoid, rank):
+    treatment = deep_sigmoid.treatments[rank]
+    model, optimizer, clip_norm = treatment.build(seed=1)
+    losses = []
+    for x, y in deep_sigmoid.batches(1):
+        optimizer.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(model(x), y)
+        loss.backward()
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        optimizer.step()
+        losses.append(loss.item())
+    assert final_loss(losses) == pytest.approx(treatment.losses[1], abs=1e-5)
+
+
+def test_healthy_model_has_nothing_to_treat():
+    spec = Spec().replace(**{"model.activation": "relu", "model.init": "he_normal", "model.depth": 3,
+                             "model.width": 32})
+    make_model, (x, y), loss_fn, optimizer = from_spec(spec)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    rx = doctor(make_model, loader, loss_fn, optimizer, steps=STEPS, seeds=2)
+    assert rx.findings == [] and rx.treatments == [] and "nothing to treat" in str(rx)
+
+
+class FunctionalSigmoid(nn.Module):
+    """Ten Linear layers with ``torch.sigmoid`` called in forward: no activation module to swap."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(2, 10)] + [nn.Linear(10, 10) for _ in range(9)])
+        self.out = nn.Linear(10, 1)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.sigmoid(layer(x))
+        return self.out(x)
+
+
+def test_functional_activations_get_the_treatments_that_apply_and_say_why_not_the_rest():
+    data = load(Spec().data)
+    rx = doctor(FunctionalSigmoid, (data.x_train, data.y_train), nn.functional.binary_cross_entropy_with_logits,
+                steps=STEPS, seeds=1)
+    assert "functional" in rx.untried["relu_he"]
+    assert {"batch_norm", "residual"} <= {t.name for t in rx.treatments}
+
+
+def test_residual_wraps_each_shape_preserving_layer_with_its_activation():
+    torch.manual_seed(0)
+    model = build(Spec().model, 2, 1)
+    x = torch.randn(8, 2)
+    residual(model, x)
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, ReZero)]
+    assert wrapped == [f"dense{i}" for i in range(2, 11)]
+    assert isinstance(model.act2, nn.Identity) and isinstance(model.dense2.block[1], nn.Sigmoid)
+    model(x).sum().backward()  # alpha = 0: an identity at first, and still a gradient for alpha
+    assert model.dense2.alpha.grad is not None
+
+
+def test_a_user_factory_that_is_not_importable_is_one_line():
+    from gradwatch.doctor.patients import find
+    from gradwatch.spec import SpecError
+
+    with pytest.raises(SpecError, match="make_model: got 'nosuchmodule:make'"):
+        find("nosuchmodule:make", "make_model")
+
+
+def test_cli_doctor_prints_the_ranked_table(tmp_path):
+    (tmp_path / "mymodel.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def make_model():\n    return nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 1))\n"
+        "g = torch.Generator().manual_seed(0)\nX = torch.randn(64, 2, generator=g)\n"
+        "data = (X, (X[:, :1] > 0).float())\n")
+    out = subprocess.run([sys.executable, "-m", "gradwatch", "doctor", "mymodel:make_model", "--data", "mymodel:data",
+                          "--steps", "60", "--seeds", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "gradwatch doctor: 1 seed(s) x 60 steps" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "gradwatch", "doctor", "mymodel:make_model"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--data" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_factory_pieces_pickle_for_worker_processes():
+    import pickle
+
+    pieces = from_spec(Spec())
+    assert isinstance(pieces[0], functools.partial)
+    pickle.dumps(pieces)
+
+
+def test_worker_processes_measure_what_this_process_measures():
+    make_model, data, loss_fn, optimizer = from_spec(Spec())
+    here = doctor(make_model, data, loss_fn, optimizer, steps=60, seeds=1, workers=1)
+    there = doctor(make_model, data, loss_fn, optimizer, steps=60, seeds=1, workers=2)
+    assert [(t.name, t.losses) for t in there.treatments] == [(t.name, t.losses) for t in here.treatments]
+    assert there.untreated.losses == here.untreated.losses
