@@ -229,13 +229,17 @@ def _pool(workers: int | None, *picklable) -> ProcessPoolExecutor | None:
 
 
 def doctor(make_model: Callable[[], nn.Module], data, loss_fn: Callable, optimizer: Callable | None = None,
-           steps: int = 300, seeds: int = 3, batch_size: int = 32, workers: int | None = 1) -> Prescription:
+           steps: int = 300, seeds: int = 3, batch_size: int = 32, workers: int | None = 1,
+           threads: int | None = 1) -> Prescription:
     """Diagnose ``make_model()``'s training, try the remedies on it, and return the ranked Prescription.
 
     ``make_model()`` returns a fresh module (the doctor seeds it); ``data`` is ``(X, Y)`` tensors or a
     re-iterable of ``(x, y)`` batches; ``loss_fn(output, target)``; ``optimizer`` maps parameters to
     an optimizer (default Adam, lr 1e-3). A model with no finding gets no treatment. ``workers``:
-    processes for the trials (None: one per core), used where those four pickle.
+    processes for the trials (None: one per core), used where those four pickle. ``threads``: torch's
+    intra-op threads during the trials, restored after (None: leave them): small nets on a busy CPU
+    lose more to idle threads than they gain, measured: the seed's net took 653 s wall at torch's
+    default of 2 threads on a loaded 2-core host, 28 s at 1.
 
     Examples:
         >>> rx = gradwatch.doctor(make_model, (X, Y), torch.nn.functional.cross_entropy)
@@ -250,6 +254,8 @@ def doctor(make_model: Callable[[], nn.Module], data, loss_fn: Callable, optimiz
     kwargs = {"_make": make_model, "_first_batch": lambda seed: plans[seed][0][0]}
 
     pool = _pool(workers, make_model, loss_fn, optimizer)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
 
     def trial(treatments: list[Treatment]) -> list[Treatment]:
         """Every seed of every treatment; in the pool where there is one, results kept in seed order."""
@@ -277,6 +283,7 @@ def doctor(make_model: Callable[[], nn.Module], data, loss_fn: Callable, optimiz
                 candidates.append(Treatment(name, REMEDIES[name], plan, **kwargs))
         tried = trial(candidates)
     finally:
+        torch.set_num_threads(before)
         if pool:
             pool.shutdown(cancel_futures=True)
     tried.sort(key=lambda t: (t.loss, len(t.kinds)))
