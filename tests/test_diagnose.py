@@ -171,6 +171,7 @@ def test_plateau_is_stuck_at_the_guessing_loss_not_a_converged_one():
     three_classes = diagnose(_plateau_records([1.5] + [math.log(3)] * 14))
     assert [f.evidence["classes"] for f in three_classes] == [3]
     assert diagnose(_plateau_records([0.7 * 0.7**e for e in range(15)])) == []
+    assert [f.evidence["loss"] for f in diagnose(_plateau_records([1e4] * 15))] == [1e4]  # stuck, not a guess
 
 
 def _nonfinite_records() -> Records:

@@ -258,6 +258,8 @@ def _window(ev: Evidence) -> list[float] | str:
 
 def _guess(losses: list[float]) -> int:
     """k where every one of ``losses`` is within tolerance of ln k (a uniform guess over k classes), else 0."""
+    if not 0 < losses[-1] < math.log(1e6):  # no classifier guesses among a million classes
+        return 0
     k = max(2, round(math.exp(losses[-1])))
     near = all(abs(v - math.log(k)) <= _t("guess_tolerance") * math.log(k) for v in losses)
     return k if near else 0
