@@ -67,8 +67,8 @@ def test_demo_writes_json_table_and_report(tmp_path):
     assert set(cases[0]) == {"name", "final_loss", "accuracy", "first_layer_grad", "first_layer_pct_change",
                              "grad_ratio_first_last", "verdict"}
     assert cases[0]["verdict"] == "vanishing" and cases[2]["verdict"] == "healthy"
-    assert (tmp_path / "report" / "index.html").exists()
-    assert "deep_sigmoid" in out.stdout and "report:" in out.stdout
+    assert "The doctor: the remedies tried" in (tmp_path / "report" / "index.html").read_text()
+    assert "deep_sigmoid" in out.stdout and "report:" in out.stdout and "1  relu_he" in out.stdout
 
 
 def test_help_imports_no_heavy_library():

@@ -91,6 +91,7 @@ def demo(
     epochs: int = typer.Option(None, min=1, help="override the seed's 100 epochs (quick looks)"),
     seeds: int = typer.Option(3, min=1, help="seeds per case"),
     workers: int = typer.Option(None, min=1, help="worker processes (default: one per core)"),
+    doctor: bool = typer.Option(True, "--doctor/--no-doctor", help="also run the doctor on the deep sigmoid net"),
     store: Path = STORE,
 ) -> None:
     """Reproduce the seed experiment and its remedies: table, JSON and an HTML report."""
@@ -114,7 +115,15 @@ def demo(
     if json_path:
         json_path.write_text(json.dumps({"cases": rows}, indent=2))
         console.print(f"wrote {json_path}")
-    console.print(f"report: {write_demo_report(runs, rows, out).resolve()}")
+    rx = None
+    if doctor:
+        from gradwatch.doctor import doctor as treat
+        from gradwatch.doctor.patients import from_spec
+        from gradwatch.spec import Spec
+
+        rx = treat(*from_spec(Spec()), seeds=seeds)
+        console.print(str(rx), markup=False, highlight=False)
+    console.print(f"report: {write_demo_report(runs, rows, out, rx).resolve()}")
 
 
 @app.command("train")

@@ -149,20 +149,23 @@ class Prescription:
     seconds: float
     batches: Callable[[int], list] = field(repr=False, default=lambda seed: [])
 
+    def rows(self) -> list[dict]:
+        """One row per trial, untreated first then best first: the table ``print`` shows and the report draws."""
+        kinds = {f.kind for f in self.findings}
+        return [{"#": str(rank or "-"), "treatment": t.name,
+                 "final loss (min-max)": f"{t.loss:.3g} ({min(t.losses):.3g}-{max(t.losses):.3g})",
+                 "vs untreated": _change(t.loss, self.untreated.loss) if rank else "",
+                 "grad ratio": f"{t.ratio('grad_norm'):.2g}", "signal ratio": f"{t.ratio('backprop_norm'):.2g}",
+                 "clears": ", ".join(sorted(kinds - set(t.kinds))) if rank else "", "still": ", ".join(t.kinds) or "-"}
+                for rank, t in enumerate([self.untreated, *self.treatments])]
+
     def __str__(self) -> str:
         head = f"gradwatch doctor: {self.seeds} seed(s) x {self.steps} steps, {self.seconds:.1f} s"
         if not self.findings:
             return (f"{head}\nnothing to treat: no finding in most seeds (final loss {self.untreated.loss:.3g}, "
                     f"verdict {self.untreated.found[0].verdict})")
         lines = [head, "findings (untreated):"] + ["  " + str(f).splitlines()[0] for f in self.findings]
-        rows = [("#", "treatment", "final loss (min-max)", "vs untreated", "grad ratio", "signal ratio", "clears",
-                 "still")]
-        for rank, t in enumerate([self.untreated, *self.treatments]):
-            change = "" if not rank else _change(t.loss, self.untreated.loss)
-            kinds = {f.kind for f in self.findings}
-            rows.append((str(rank or "-"), t.name, f"{t.loss:.3g} ({min(t.losses):.3g}-{max(t.losses):.3g})", change,
-                         f"{t.ratio('grad_norm'):.2g}", f"{t.ratio('backprop_norm'):.2g}",
-                         ", ".join(sorted(kinds - set(t.kinds))) if rank else "", ", ".join(t.kinds) or "-"))
+        rows = [list(self.rows()[0])] + [list(row.values()) for row in self.rows()]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         lines += [f"not tried: {name}: {why}" for name, why in self.untried.items()]

@@ -135,8 +135,11 @@ def write_report(runs: list[Run], out_dir: str | Path, title: str = "gradwatch r
     return page.write()
 
 
-def write_demo_report(runs: list[Run], rows: list[dict], out_dir: str | Path) -> Path:
-    """The seed notebook's story, measured: table, seven figures, the remedies ladder; returns index.html."""
+def write_demo_report(runs: list[Run], rows: list[dict], out_dir: str | Path, prescription=None) -> Path:
+    """The seed notebook's story, measured: table, seven figures, the remedies ladder; returns index.html.
+
+    ``prescription``: ``gradwatch.doctor``'s on the deep sigmoid net, shown as its own section.
+    """
     if not runs:
         raise ValueError("runs: got none; allowed: the demo's Runs")
     page = Page("Vanishing gradients, measured: the seed experiment and its remedies", Path(out_dir))
@@ -157,6 +160,13 @@ def write_demo_report(runs: list[Run], rows: list[dict], out_dir: str | Path) ->
     page.figure("weight_traces", runs)
     page.figure("boundaries", runs)
     _ladder(page, cases)
+    if prescription is not None:
+        page.text("The doctor: the remedies tried on the deep sigmoid net", tag="h2")
+        page.text(f"gradwatch.doctor trained the untreated net and each remedy its findings name from "
+                  f"{prescription.seeds} seed(s) for {prescription.steps} steps on the same batches, ranked by final "
+                  f"loss (median over seeds). Findings: "
+                  + "; ".join(str(f).splitlines()[0] for f in prescription.findings) + ".")
+        page.table(prescription.rows())
     return page.write()
 
 
