@@ -134,3 +134,28 @@ def test_worker_processes_measure_what_this_process_measures():
     there = doctor(make_model, data, loss_fn, optimizer, steps=60, seeds=1, workers=2)
     assert [(t.name, t.losses) for t in there.treatments] == [(t.name, t.losses) for t in here.treatments]
     assert there.untreated.losses == here.untreated.losses
+
+
+def test_surgeries_keep_the_model_runnable_and_do_what_they_say():
+    from gradwatch.doctor.treatments import TREATMENTS, Plan, batch_norm, lsuv
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 2)
+    model = build(Spec().model, 2, 1)
+    batch_norm(model, x)
+    assert isinstance(model.dense1[1], nn.BatchNorm1d) and isinstance(model.out, nn.Linear)  # not the output
+    model = build(Spec().model, 2, 1)
+    variances = []
+    lsuv(model, x)
+    hook = model.dense5.register_forward_hook(lambda _m, _i, out: variances.append(out.var().item()))
+    model(x)
+    hook.remove()
+    assert variances[0] == pytest.approx(1.0, abs=0.1)
+    rnn = build(Spec().model.model_copy(update={"kind": "rnn"}), 2, 1)
+    plan = TREATMENTS["gated_rnn"](Plan(), rnn)
+    treated, _, _ = plan.build(lambda: build(Spec().model.model_copy(update={"kind": "rnn"}), 2, 1), x)
+    assert isinstance(treated.cell, nn.GRUCell) and treated(torch.randn(4, 5, 2)).shape == (4, 1)
+    assert "no LSTM" == TREATMENTS["forget_bias"](Plan(), rnn)
+    lstm = nn.LSTM(2, 8)
+    TREATMENTS["forget_bias"](Plan(), lstm).surgeries[0](lstm, x)
+    assert (lstm.bias_ih_l0[8:16] == 1).all() and (lstm.bias_hh_l0[8:16] == 0).all()

@@ -52,13 +52,15 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _named(model: nn.Module, types: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if n and isinstance(m, types)]
+    """(name, module) of every module of ``types``, the model itself (name "") included."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
 
 
 def _swap(types: tuple[type, ...], new: Callable[[], nn.Module]) -> Surgery:
     def surgery(model: nn.Module, _x: Tensor) -> None:
         for name, _ in _named(model, types):
-            _set(model, name, new())
+            if name:  # the model itself cannot be swapped from inside
+                _set(model, name, new())
 
     return surgery
 
@@ -163,6 +165,8 @@ def batch_norm(model: nn.Module, x: Tensor) -> None:
 def _gru(model: nn.Module, _x: Tensor) -> None:
     """nn.RNN -> nn.GRU and nn.RNNCell -> nn.GRUCell, same sizes: gates carry the gradient through time."""
     for name, m in _named(model, (nn.RNN, nn.RNNCell)):
+        if not name:
+            continue
         if isinstance(m, nn.RNN):
             new = nn.GRU(m.input_size, m.hidden_size, m.num_layers, bias=m.bias, batch_first=m.batch_first,
                          dropout=m.dropout, bidirectional=m.bidirectional)
