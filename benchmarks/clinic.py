@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from gradwatch.doctor import doctor
 from gradwatch.doctor.patients import from_spec
 from gradwatch.spec import DataSpec, Spec
 
+HEAD = {"moons": {}, "circles": {}, "digits": {"model.output_activation": "softmax"}}  # ten classes: softmax
 SGD = {"train.optimizer": "sgd", "train.learning_rate": 0.1}  # the seed's SGD: a fault at init is not rescued
 HELD_OUT = {"tanh_mlp", "leaky_mlp", "rnn", "cnn", "transformer", "teacher"}
 
@@ -195,9 +197,9 @@ def cases() -> list[Case]:
             out.append(torch_case(family, f"{data}:{act.__name__}:torch-default", "", [32] * 3, act, data))
         for act in ("relu", "tanh", "elu"):
             family = {"relu": "relu_mlp", "tanh": "tanh_mlp"}.get(act, "elu_gelu_mlp")
-            out.append(spec_case(family, "", **{"data.name": data, "data.n_samples": 400, "model.depth": 3,
+            out.append(spec_case(family, "", HEAD[data], **{"data.name": data, "data.n_samples": 400, "model.depth": 3,
                                                 "model.width": 32, "model.activation": act}))
-        out.append(spec_case("leaky_mlp", "", {"data.name": data, "data.n_samples": 400, **relu,
+        out.append(spec_case("leaky_mlp", "", HEAD[data], {"data.name": data, "data.n_samples": 400, **relu,
                                                  "model.activation": "leaky_relu", "model.depth": 4}))
     for data in ("moons", "circles"):
         out.append(spec_case("residual_mlp", "", {"data.name": data, "data.n_samples": 400, **relu,
@@ -279,10 +281,18 @@ def main() -> None:
     seeds = args.seeds
     if args.quick:
         chosen, seeds = chosen[::3], 1
+    done = {}  # name -> row, from an interrupted run with the same settings: a crash costs one model
+    cache = f"{args.json or 'clinic.json'}.rows-{args.steps}-{seeds}.jsonl"
+    if os.path.exists(cache):
+        with open(cache) as f:
+            done = {r["name"]: r for r in map(json.loads, f)}
     rows = []
     for i, case in enumerate(chosen, 1):
-        rows.append(examine(case, args.steps, seeds))
+        rows.append(done.get(case.name) or examine(case, args.steps, seeds))
         r = rows[-1]
+        if case.name not in done:
+            with open(cache, "a") as f:
+                f.write(json.dumps(r) + "\n")
         print(f"[{i}/{len(chosen)}] {r['name']:<60} built {r['kind'] or 'healthy':<18} found "
               f"{','.join(r['found']) or '-':<30} top {(r['ranked'] or ['-'])[0]:<12} {r['seconds']:.1f}s", flush=True)
     held = figures([r for r in rows if r["family"] in HELD_OUT])

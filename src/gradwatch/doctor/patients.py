@@ -14,7 +14,7 @@ from functools import partial
 
 import torch.nn.functional as F
 
-from gradwatch.data import load
+from gradwatch.data import check_output, load
 from gradwatch.nets import OUTPUTS, build
 from gradwatch.spec import Spec, SpecError, from_flags
 from gradwatch.train import make_optimizer
@@ -44,6 +44,7 @@ def find(path: str, field: str):
 def from_spec(spec: Spec) -> tuple:
     """(make_model, (X, Y), loss_fn, optimizer) of a Spec: its net, its training split, its loss and optimizer."""
     data = load(spec.data)
+    check_output(data.task, spec.model.output_activation, spec.data.name)
     make_model = partial(build, spec.model, data.x_train.shape[-1], data.n_outputs)
     return make_model, (data.x_train, data.y_train), OUTPUTS[spec.model.output_activation][0], partial(
         make_optimizer, spec)
