@@ -164,9 +164,9 @@ def cases() -> list[Case]:
                 "train.learning_rate": 1e-4}))
             out.append(spec_case("relu_mlp", "lr_too_small", d, relu, {
                 "model.depth": depth // 4, "train.learning_rate": 1e-5}))
-            out.append(spec_case("leaky_mlp", "lr_too_large", d, relu, {
-                "model.activation": "leaky_relu", "model.depth": depth // 8 + 1, "train.optimizer": "sgd",
-                "train.learning_rate": 3.0}))
+            act = "leaky_relu" if depth == 8 else "tanh"
+            out.append(spec_case("leaky_mlp" if depth == 8 else "tanh_mlp", "lr_too_large", d, relu, {
+                "model.activation": act, "model.depth": 2, "train.optimizer": "sgd", "train.learning_rate": 3.0}))
         for gain in (3.0, 4.0):
             out.append(spec_case("sigmoid_mlp", "saturation", d, SGD, {
                 "model.depth": 3, "model.width": 32, "model.init_gain": gain, "model.bias_init": 6.0}))

@@ -14,6 +14,7 @@ from torch import nn
 
 from gradwatch.data import load
 from gradwatch.diagnose import RULES, SENTENCES, THRESHOLDS, diagnose, rules, verdict
+from gradwatch.nets import build
 from gradwatch.records import Records
 from gradwatch.spec import Spec
 from gradwatch.train import train
@@ -95,6 +96,13 @@ def test_default_init_relu_learning_under_adam_is_not_exploding(seed):
     loss = [v for *_, s, v in records.rows if s == "loss"]
     assert loss[-1] < 0.5 * loss[0]  # it learns: the growth of its gradient is it leaving the plateau
     assert diagnose(records) == []
+
+
+def test_batch_norm_net_learning_is_not_exploding():
+    torch.manual_seed(0)  # its backpropagated signal grows toward the input (divided by each spread); its weights' not
+    spec = Spec().replace(**{"model.depth": 8, "model.width": 32, "model.norm": "batch"})
+    records = fit(build(spec.model, 2, 1), steps=300)
+    assert "exploding" not in {f.kind for f in diagnose(records)}
 
 
 def _two_layers(out_norm: float) -> Records:

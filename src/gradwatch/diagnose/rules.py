@@ -78,9 +78,8 @@ SENTENCES = {
     "vanishing": "the first layer's gradient is {grad_ratio_first_last:.1e} of the last layer's, the "
                  "backpropagated signal {backprop_ratio_first_last:.1e} (median over steps)",
     "vanishing_in_time": "the gradient reaching the first time step is {time_ratio_first_last:.1e} of the last's",
-    "exploding": "the first/last gradient ratio is {grad_ratio_first_last:.3g} (signal "
-                 "{backprop_ratio_first_last:.3g}, through time {time_ratio_first_last:.3g}); the gradient "
-                 "norm grew {late_growth:.3g}x in the last quarter",
+    "exploding": "the first/last weight-gradient ratio is {grad_ratio_first_last:.3g} (through time "
+                 "{time_ratio_first_last:.3g}); the gradient norm grew {late_growth:.3g}x in the last quarter",
     "saturation": "up to {saturated_frac:.0%} of sigmoid/tanh outputs sit within 1% of a bound, where the slope is ~0",
     "dying_relu": "up to {dead_frac:.0%} of ReLU units output 0 for every example, so they get no gradient",
     "plateau": "the loss moved {relative_change:.2%} over the last {epochs:.0f} logs and sits at {loss:.3f} "
@@ -200,21 +199,25 @@ def _late_growth(ev: Evidence) -> float:
 
 
 def exploding(ev: Evidence) -> Result:
-    weights, signal = _depth_ratios(ev)
+    """Weight gradients that grow toward the input or back through time, or a gradient norm still growing.
+
+    The backpropagated signal is left out here: batch norm divides it by each layer's spread, so a
+    healthy batch-norm net shows a signal ratio of hundreds while its weight gradients stay balanced.
+    """
+    weights = ev.ratios("weight_grad_norm") or ev.ratios("grad_norm")
     over_time = ev.ratios("state_grad_norm")
-    if not weights and not signal and not over_time:
+    if not weights and not over_time:
         return "first/last gradient ratio: fewer than two layers with a nonzero gradient"
     growth = _late_growth(ev)
-    evidence = {"grad_ratio_first_last": _first(weights), "backprop_ratio_first_last": _first(signal),
-                "time_ratio_first_last": _first(over_time), "late_growth": growth}
+    evidence = {"grad_ratio_first_last": _first(weights), "time_ratio_first_last": _first(over_time),
+                "late_growth": growth}
     high = _t("exploding_ratio")
-    ratios = [v for v in (evidence["grad_ratio_first_last"], evidence["backprop_ratio_first_last"],
-                          evidence["time_ratio_first_last"]) if math.isfinite(v)]
+    ratios = [v for v in (evidence["grad_ratio_first_last"], evidence["time_ratio_first_last"]) if math.isfinite(v)]
     if not (max(ratios, default=0.0) > high or growth > _t("exploding_growth")):
         return []
-    big = [n for n, r in {**weights, **signal, **over_time}.items() if r > high]
-    return [Finding("exploding", list(dict.fromkeys(big)), evidence, "high",
-                    _remedies("clip_norm", "orthogonal_init", "lower_lr", "gated_rnn"))]
+    big = [n for n, r in {**weights, **over_time}.items() if r > high]
+    return [Finding("exploding", big, evidence, "high", _remedies("clip_norm", "orthogonal_init", "lower_lr",
+                                                                 "gated_rnn"))]
 
 
 def _kept(ev: Evidence) -> float:
