@@ -96,3 +96,13 @@ def test_recurrent_nets_keep_every_hidden_state_for_temporal_gradients(kind):
     model(torch.randn(5, 7, 2)).sum().backward()
     assert len(model.states) == 7
     assert all(h.grad is not None and h.grad.shape == (5, 8) for h in model.states)
+
+
+def test_sigma_w2_and_sigma_b2_set_the_mean_field_scale():
+    spec = ModelSpec(depth=2, width=FAN_IN, init="lecun_normal", sigma_w2=1.76, sigma_b2=0.05, bias_init=0.5)
+    torch.manual_seed(0)
+    net = build(spec, FAN_IN, 3)
+    assert net.dense2.weight.var().item() * FAN_IN == pytest.approx(1.76, rel=0.03)
+    assert net.dense2.bias.var().item() == pytest.approx(0.05, rel=0.15)
+    assert net.dense2.bias.mean().item() == pytest.approx(0.5, abs=0.03)
+    assert net.out.bias.abs().max().item() == 0.0

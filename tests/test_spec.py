@@ -90,3 +90,13 @@ def test_the_cross_field_checks_agree_with_what_actually_trains():
         assert train_size(data) == len(load(data).x_train)
     ok = Spec().replace(**{"model.norm": "batch", "model.depth": 2, "train.batch_size": 198, "train.epochs": 1})
     assert train(ok).status == "finished"  # 200 = 198 + 2: the smallest last batch allowed
+
+
+def test_sigma_w2_needs_a_unit_scale_init_and_keys_of_older_specs_stay():
+    with pytest.raises(SpecError, match="model.sigma_w2: got 1.5; allowed: with model.init lecun_normal or orth"):
+        Spec().replace(**{"model.sigma_w2": 1.5})
+    with pytest.raises(SpecError, match="model.sigma_b2: got -1"):
+        Spec().replace(**{"model.sigma_b2": -1})
+    assert Spec().key() == "3f89219ceebeb95a"  # the key stored runs of the default spec already have
+    scaled = Spec().replace(**{"model.init": "lecun_normal", "model.sigma_w2": 1.76})
+    assert scaled.key() != Spec().replace(**{"model.init": "lecun_normal"}).key()

@@ -74,12 +74,18 @@ OUTPUTS: dict[str, tuple[Callable, Callable]] = {
 
 
 def init_(linear: nn.Linear | nn.Module, spec: ModelSpec) -> None:
-    """Initialise one Dense layer's weight (scaled by ``init_gain``) and bias per ``spec``."""
+    """Initialise one Dense layer's weight and bias per ``spec``.
+
+    The weight's scale is ``init_gain``, or sqrt(``sigma_w2``) on a unit-scale init (mean field's
+    W ~ (0, sigma_w2 / fan_in)); the bias is ``bias_init``, plus N(0, ``sigma_b2``) noise if asked.
+    """
     with torch.no_grad():
         INITS[spec.init](linear.weight)
-        linear.weight.mul_(spec.init_gain)
+        linear.weight.mul_(spec.init_gain if spec.sigma_w2 is None else math.sqrt(spec.sigma_w2))
         if spec.init != "default" or spec.bias_init:
             linear.bias.fill_(spec.bias_init)  # Keras: zeros
+        if spec.sigma_b2:
+            linear.bias.normal_(spec.bias_init, math.sqrt(spec.sigma_b2))
 
 
 class MLP(nn.Module):
@@ -102,7 +108,7 @@ class MLP(nn.Module):
             self.add_module(f"act{i}", ACTIVATIONS[spec.activation]())
             width = spec.width
         self.out = nn.Linear(width, n_out)
-        init_(self.out, spec.model_copy(update={"bias_init": 0.0}))
+        init_(self.out, spec.model_copy(update={"bias_init": 0.0, "sigma_b2": 0.0}))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x

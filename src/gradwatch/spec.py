@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 Activation = Literal["sigmoid", "tanh", "relu", "leaky_relu", "prelu", "elu", "selu", "gelu", "linear"]
 OutputActivation = Literal["sigmoid", "softmax", "tanh", "linear"]
@@ -26,6 +27,9 @@ SEQUENCES = ("adding", "recall")  # the data sets whose samples are sequences: t
 # data set -> the most samples it can give (digits is scikit-learn's bundled 1,797 images; spirals two equal arms)
 SIZE = {"digits": lambda n: min(n, 1797), "spirals": lambda n: 2 * (n // 2)}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # safe as a file name on every system
+
+UNIT_SCALE = ("lecun_normal", "orthogonal")  # inits with Var(w) x fan_in = 1, which ``sigma_w2`` rescales
+ADDED = {"model": {"sigma_w2": None, "sigma_b2": 0.0}}  # section -> field -> the default left out of Spec.key()
 
 
 class SpecError(ValueError):
@@ -58,8 +62,19 @@ class ModelSpec(_Frozen):
     init: Init = "glorot_uniform"
     init_gain: float = Field(1.0, gt=0.0, le=100.0, description="multiplies the init's scale")
     bias_init: float = Field(0.0, ge=-100.0, le=100.0)
+    sigma_w2: float | None = Field(None, gt=0.0, le=100.0, description="Var(w) x fan_in, mean field's sigma_w^2")
+    sigma_b2: float = Field(0.0, ge=0.0, le=100.0, description="variance of Gaussian biases around bias_init")
     norm: Literal["none", "batch", "layer"] = "none"
     residual: bool = False
+
+
+    @field_validator("sigma_w2")
+    @classmethod
+    def _unit_scale_init(cls, value: float | None, info: ValidationInfo) -> float | None:
+        """sigma_w2 sets the scale of inits whose Var(w) x fan_in is 1 (on square layers), in place of init_gain."""
+        if value is not None and (info.data.get("init") not in UNIT_SCALE or info.data.get("init_gain") != 1.0):
+            raise PydanticCustomError("init_scale", f"with model.init {' or '.join(UNIT_SCALE)} and model.init_gain 1")
+        return value
 
 
 class TrainSpec(_Frozen):
@@ -102,8 +117,17 @@ class Spec(_Frozen):
         return self
 
     def key(self) -> str:
-        """Stable 16-hex-digit hash of the canonical JSON of every field."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Stable 16-hex-digit hash of the canonical JSON of every field.
+
+        Fields added after runs were stored (``ADDED``) count only away from their default, so a
+        stored run keeps its key and a sweep still resumes over it.
+        """
+        dump = self.model_dump(mode="json")
+        for section, fields in ADDED.items():
+            for name, default in fields.items():
+                if dump[section][name] == default:
+                    del dump[section][name]
+        text = json.dumps(dump, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def replace(self, **dotted: Any) -> Spec:
