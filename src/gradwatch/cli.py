@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Literal, NoReturn
 
@@ -250,10 +251,11 @@ def print_findings(findings) -> None:
 @app.command()
 def study(
     name: str = typer.Argument(..., help="all, depth, dying-relu, sequences, exploding, output-activation, "
-                               "width-vs-depth or relu-he"),
+                               "width-vs-depth, relu-he, criticality or isometry"),
     out: Path = OUT,
     quick: bool = typer.Option(False, help="tiny budgets: checks the machinery in seconds, proves nothing"),
     workers: int = typer.Option(None, min=1, help="worker processes (default: one per core)"),
+    json_path: Path = typer.Option(None, "--json", help="also write what the study measured to this JSON file"),
     store: Path = STORE,
 ) -> None:
     """Run a built-in study (or all of them): tables, conclusions computed from data, an HTML report."""
@@ -265,6 +267,7 @@ def study(
     db, out = _store(store, write=True), out_dir(out, f"study-{name}" + ("-quick" if quick else ""))
     if quick:
         console.print(f"[bold yellow]{QUICK}[/]")
+    started = time.perf_counter()
     with progress() as bar:
         task = bar.add_task(f"study {name}" + (" (quick)" if quick else ""), total=None, rate="")
         tick = lambda run: bar.update(task, advance=1)  # noqa: E731
@@ -276,6 +279,11 @@ def study(
         print_rows(result.title + (" (quick)" if quick else ""), result.rows)
         console.print(result.conclusion, markup=False)
     console.print(f"report: {(page or write_page(results, out)).resolve()}")
+    if json_path:
+        measured = {r.title: r.measured or {"rows": r.rows} for r in results}
+        chosen = measured if name == "all" else next(iter(measured.values()))
+        json_path.write_text(json.dumps({**chosen, "seconds": round(time.perf_counter() - started, 1)}, indent=2))
+        console.print(f"wrote {json_path}")
 
 
 @app.command()

@@ -120,33 +120,33 @@ def chunks(jobs: list[Job], size: int = CHUNK) -> list[list[Job]]:
     return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
 
 
-def train_chunk(jobs: list[Job], thin: int = 1, evaluate_every: int = 1) -> list[Run]:
+def train_chunk(jobs: list[Job], thin: int = 1, evaluate_every: int = 1, every: int = 10) -> list[Run]:
     """One chunk's Runs: ``train_many`` for an ensemble, ``train`` for a lone recurrent job."""
     if not stackable(jobs[0][2]):
         runs = [train(spec, name=name, group=group) for name, group, spec in jobs]
         for run in runs:
             run.records = run.records.thin(thin) if thin > 1 else run.records
         return runs
-    runs = train_many([spec for *_, spec in jobs], thin=thin, evaluate_every=evaluate_every,
+    runs = train_many([spec for *_, spec in jobs], every=every, thin=thin, evaluate_every=evaluate_every,
                       names=[name for name, *_ in jobs])
     for run, (_, group, _) in zip(runs, jobs, strict=True):
         run.group = group
     return runs
 
 
-def _ray_chunk(jobs: list[Job], thin: int, evaluate_every: int) -> list[Run]:
+def _ray_chunk(jobs: list[Job], thin: int, evaluate_every: int, every: int) -> list[Run]:
     _worker()  # a Ray task holds one CPU
-    return train_chunk(jobs, thin, evaluate_every)
+    return train_chunk(jobs, thin, evaluate_every, every)
 
 
 def run_many(jobs: Iterable[Job], on_done: Callable[[Run], None], backend: str = "local", address: str | None = None,
-             processes: int = 1, chunk: int = CHUNK, thin: int = 1, evaluate_every: int = 1) -> None:
+             processes: int = 1, chunk: int = CHUNK, thin: int = 1, evaluate_every: int = 1, every: int = 10) -> None:
     """Train every job, calling ``on_done(run)`` in this process as each finishes, ensemble by ensemble.
 
     ``backend="local"`` trains here (``processes=1``, one ensemble after another) or over spawned
     worker processes; ``"ray"`` sends each ensemble to Ray as a task (``ray.init(address=address)``
-    unless Ray is initialised already; no address starts a local Ray). ``thin`` and
-    ``evaluate_every`` are ``train_many``'s cadences (1 and 1: records exactly as ``train`` makes them).
+    unless Ray is initialised already; no address starts a local Ray). ``thin``, ``evaluate_every`` and
+    ``every`` are ``train_many``'s cadences (1, 1, 10: records exactly as ``train`` makes them).
 
     Examples:
         >>> jobs = [(f"seed{s}", "mine", gradwatch.Spec().replace(**{"train.seed": s})) for s in range(128)]
@@ -161,22 +161,24 @@ def run_many(jobs: Iterable[Job], on_done: Callable[[Run], None], backend: str =
             on_done(run)
 
     if backend == "ray":
-        _run_ray(todo, finished, address, thin, evaluate_every)
+        _run_ray(todo, finished, address, thin, evaluate_every, every)
     elif processes > 1 and len(todo) > 1:
-        _parallel(partial(train_chunk, thin=thin, evaluate_every=evaluate_every), todo, processes, finished)
+        _parallel(partial(train_chunk, thin=thin, evaluate_every=evaluate_every, every=every), todo, processes,
+                  finished)
     else:
         _tune()
         for part in todo:
-            finished(train_chunk(part, thin, evaluate_every))
+            finished(train_chunk(part, thin, evaluate_every, every))
 
 
-def _run_ray(todo: list[list[Job]], finished: Callable, address: str | None, thin: int, evaluate_every: int) -> None:
+def _run_ray(todo: list[list[Job]], finished: Callable, address: str | None, thin: int, evaluate_every: int,
+             every: int) -> None:
     import ray
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     remote = ray.remote(num_cpus=1)(_ray_chunk)
-    pending = [remote.remote(part, thin, evaluate_every) for part in todo]
+    pending = [remote.remote(part, thin, evaluate_every, every) for part in todo]
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         finished(ray.get(done[0]))

@@ -2,9 +2,11 @@
 
 A study is a module with ``TITLE``, ``next_jobs(runs) -> [(name, group, spec)]`` (called until it
 returns nothing, so a study can stage its runs, e.g. stop deepening a remedy once it fails) and
-``summarize(runs) -> Result``. Studies hold no training code: ``run_study`` trains their jobs through
-the sweep's ``run_many`` (same-shape MLPs as one stacked ensemble), stores each Run as it finishes,
-and reuses stored runs on a re-run.
+``summarize(runs) -> Result``, and optionally ``CADENCE``, the sweep's record cadences (``thin``,
+``evaluate_every``, ``every``) for a study of thousands of runs that reads only their summaries.
+Studies hold no training code: ``run_study`` trains their jobs through the sweep's ``run_many``
+(same-shape MLPs as one stacked ensemble), stores each Run as it finishes, and reuses stored runs on
+a re-run.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Result:
     rows: list[dict]
     conclusion: str
     figures: list[tuple[object, str, str]] = field(default_factory=list)  # (Figure, caption, stem)
+    measured: dict = field(default_factory=dict)  # what ``gradwatch study NAME --json`` writes, if more than rows
 
 
 QUICK = "QUICK RUN (tiny budgets: checks the machinery, proves nothing)"
@@ -40,6 +43,7 @@ STUDIES = {
     "output-activation": "output_activation",
     "width-vs-depth": "width_vs_depth",
     "relu-he": "relu_he",
+    "criticality": "criticality",
 }
 
 
@@ -71,7 +75,8 @@ def run_study(name: str, store: Store, workers: int | None = None, quick: bool =
             if on_run:
                 on_run(run)
 
-        sweep.run_many(fresh, done, processes=workers or sweep.workers())  # MLPs of one shape train stacked
+        sweep.run_many(fresh, done, processes=workers or sweep.workers(),  # MLPs of one shape train stacked
+                       **getattr(study, "CADENCE", {}))
     result = study.summarize(runs)
     if quick:  # the console and every page print the conclusion: a quick one must not read as a finding
         result.conclusion = f"{QUICK}. {result.conclusion}"
