@@ -26,6 +26,8 @@ COLUMNS = {
     "width-vs-depth": {"activation", "shape", "parameters", "final_loss", "loss_min", "loss_max", "accuracy",
                        "ratio_first_last"},
     "relu-he": {"activation", "init", "log10_first_grad", "log10_first_grad_sd", "final_loss", "final_loss_sd"},
+    "criticality": {"panel", "sigma_w2", "xi", "deepest_trainable"},
+    "isometry": {"case", "depth", "max_over_median", "theory_max_over_median", "accuracy"},
 }
 
 

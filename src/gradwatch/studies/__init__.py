@@ -11,6 +11,7 @@ a re-run.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import import_module
@@ -31,6 +32,16 @@ class Result:
     measured: dict = field(default_factory=dict)  # what ``gradwatch study NAME --json`` writes, if more than rows
 
 
+def finite(value):
+    """A copy of ``Result.measured`` for JSON: infinities (a depth scale at the edge of chaos, the spread
+    of a rank-deficient spectrum) become None, since JSON has no Infinity."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return None if isinstance(value, float) and math.isinf(value) else value
+
+
 QUICK = "QUICK RUN (tiny budgets: checks the machinery, proves nothing)"
 THIN = 10  # per-step gradient norms kept every 10th step: hundreds of runs stay a few MB each study
 
@@ -44,6 +55,7 @@ STUDIES = {
     "width-vs-depth": "width_vs_depth",
     "relu-he": "relu_he",
     "criticality": "criticality",
+    "isometry": "isometry",
 }
 
 

@@ -24,7 +24,7 @@ from gradwatch import theory
 from gradwatch.nets import ACTIVATIONS
 from gradwatch.records import Run
 from gradwatch.spec import Spec
-from gradwatch.studies import Result
+from gradwatch.studies import Result, finite
 from gradwatch.theory import meanfield
 
 
@@ -119,16 +119,7 @@ def summarize(runs: list[Run]) -> Result:
             for w, x, d in zip(m["sigma_w2"], m["xi_c"], m["deepest_trainable"], strict=True)]
     figures = [(_heat_map(name, m), _caption(name, m), f"criticality_{name}") for name, m in measured.items()]
     tanh = measured.get("tanh", next(iter(measured.values())))
-    return Result(TITLE, rows, conclude(measured), figures, _finite({**tanh, "panels": measured}))
-
-
-def _finite(value):
-    """A copy for JSON, infinite depth scales (at the edge itself) as None."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return None if isinstance(value, float) and math.isinf(value) else value
+    return Result(TITLE, rows, conclude(measured), figures, finite({**tanh, "panels": measured}))
 
 
 def conclude(measured: dict[str, dict]) -> str:

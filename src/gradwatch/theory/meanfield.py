@@ -36,7 +36,7 @@ def _hermite() -> tuple[torch.Tensor, torch.Tensor]:
 Z, W = _hermite()  # (NODES,) each, float64
 
 
-def _derivatives(phi: Activation, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def derivatives(phi: Activation, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """phi(u), phi'(u) and phi''(u) by autograd (exact for the piecewise activations, 0 on their kinks)."""
     u = u.detach().requires_grad_()
     out = phi(u)
@@ -52,7 +52,7 @@ def expect(fn: Callable[[torch.Tensor], torch.Tensor], q: float) -> float:
 
 def mu(phi: Activation, q: float, k: int = 1) -> float:
     """E[phi'(u)^(2k)], u ~ N(0, q): the moments of D^2, the squared slope a layer applies."""
-    return expect(lambda u: _derivatives(phi, u)[1] ** (2 * k), q)
+    return expect(lambda u: derivatives(phi, u)[1] ** (2 * k), q)
 
 
 def length_map(phi: Activation, sigma_w2: float, sigma_b2: float, q: float) -> float:
@@ -109,7 +109,7 @@ def chi_c(phi: Activation, sigma_w2: float, sigma_b2: float) -> float:
     if c == 1.0:
         return chi_1(phi, sigma_w2, sigma_b2)
     u1, u2, w = _pair(q_star(phi, sigma_w2, sigma_b2), c)
-    return sigma_w2 * float((w * _derivatives(phi, u1)[1] * _derivatives(phi, u2)[1]).sum())
+    return sigma_w2 * float((w * derivatives(phi, u1)[1] * derivatives(phi, u2)[1]).sum())
 
 
 def depth(slope: float) -> float:
@@ -127,7 +127,7 @@ def xi_q(phi: Activation, sigma_w2: float, sigma_b2: float) -> float:
     q = q_star(phi, sigma_w2, sigma_b2)
 
     def slope(u: torch.Tensor) -> torch.Tensor:
-        out, first, second = _derivatives(phi, u)
+        out, first, second = derivatives(phi, u)
         return first**2 + second * out
 
     return depth(sigma_w2 * expect(slope, q))

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from gradwatch.theory.meanfield import Activation, _derivatives, mu, q_star
+from gradwatch.theory.meanfield import Activation, derivatives, mu, q_star
 
 # init -> the normalised variance of W^T W's spectrum (Marchenko-Pastur at ratio 1: 1; orthogonal: 0),
 # i.e. minus the first coefficient s_1 of its S-transform
@@ -60,11 +60,16 @@ def free_samples(phi: Activation, sigma_w2: float, sigma_b2: float, depth: int, 
         jac = torch.eye(width, dtype=torch.float64)
         for _ in range(depth):
             u = math.sqrt(q) * torch.randn(width, generator=generator, dtype=torch.float64)
-            jac = _derivatives(phi, u)[1][:, None] * (weight(init, sigma_w2, width, generator) @ jac)
+            jac = derivatives(phi, u)[1][:, None] * (weight(init, sigma_w2, width, generator) @ jac)
         values.append(torch.linalg.svdvals(jac))
     return torch.cat(values)
 
 
 def max_over_median(values: torch.Tensor) -> float:
-    """The spread of a spectrum that the isometry study compares: largest over median singular value."""
-    return float(values.max() / values.median())
+    """The spread of a spectrum that the isometry study compares: largest over median singular value.
+
+    Infinite when the median is 0 to float64 precision (below 1e-12 of the largest): a ReLU net's
+    Jacobian, whose layers each zero about half their units, is rank-deficient, not merely spread.
+    """
+    top, middle = float(values.max()), float(values.median())
+    return math.inf if middle <= 1e-12 * top else top / middle
