@@ -1,4 +1,4 @@
-"""Runs per second of the seed experiment: one run at a time, and as gradwatch's stacked ensembles.
+"""Runs per second of the seed experiment (or the criticality grid): one run at a time, and stacked.
 
 The seed experiment: 10 hidden sigmoid layers of 10 units, Adam lr 0.001, batch 32, 100 epochs, on
 ``make_moons(250, noise=0.05, random_state=42)`` with a 20% test split (200 training points).
@@ -13,6 +13,11 @@ shuffled order per repeat, so drift on a shared machine hits them all alike):
   loss every 10th epoch and at the last); ``full`` rows keep exactly ``train``'s records;
 - ``keras fit``: the seed notebook's own ``Sequential.fit`` with ``KERAS_BACKEND=torch``, if Keras is
   installed.
+
+``--workload criticality`` times the criticality study's grid instead: the loop trains one of its
+nets (tanh, width 32, digits, SGD, batch 16) for one epoch, and ``ensemble`` lines all members of
+one depth (every sigma_w^2, sigma_b^2, activation and seed of the study) as one stack for that epoch,
+with the study's cadences (only the final accuracy recorded).
 
 Every process runs one torch thread (these nets are too small for intra-op threads, which only
 fight the other tenants of a shared machine: 10x slower here with two) and the allocator setting of
@@ -36,12 +41,13 @@ from multiprocessing import get_context
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from gradwatch.data import load  # noqa: E402
 from gradwatch.ensemble import train_many  # noqa: E402
+from gradwatch.nets import ACTIVATIONS, OUTPUTS  # noqa: E402
 from gradwatch.spec import Spec  # noqa: E402
+from gradwatch.studies import criticality  # noqa: E402
 from gradwatch.sweep import keep_memory  # noqa: E402
 from gradwatch.train import train  # noqa: E402
 
@@ -49,23 +55,49 @@ SEED = Spec()  # the seed experiment is Spec's defaults
 LOOP_RUNS = 3  # loop runs per block: the baseline every ratio divides by gets the most samples
 
 
-def loop(seed: int) -> None:
-    """One run of the seed experiment in plain PyTorch: what a user would write without gradwatch."""
-    data = load(SEED.data)
+def loop(seed: int, spec: Spec = SEED) -> None:
+    """One run of ``spec`` in plain PyTorch: what a user would write without gradwatch."""
+    data = load(spec.data)
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
     width = data.x_train.shape[1]
-    for _ in range(SEED.model.depth):
-        layers += [nn.Linear(width, SEED.model.width), nn.Sigmoid()]
-        width = SEED.model.width
-    model = nn.Sequential(*layers, nn.Linear(width, 1))
-    optimizer = torch.optim.Adam(model.parameters(), lr=SEED.train.learning_rate, eps=1e-7)
+    for _ in range(spec.model.depth):
+        layers += [nn.Linear(width, spec.model.width), ACTIVATIONS[spec.model.activation]()]
+        width = spec.model.width
+    model = nn.Sequential(*layers, nn.Linear(width, data.n_outputs))
+    if spec.train.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=spec.train.learning_rate, eps=1e-7)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=spec.train.learning_rate)
+    loss_fn = OUTPUTS[spec.model.output_activation][0]
     order = torch.Generator().manual_seed(seed)
-    for _ in range(SEED.train.epochs):
-        for batch in torch.randperm(len(data.x_train), generator=order).split(SEED.train.batch_size):
+    for _ in range(spec.train.epochs):
+        for batch in torch.randperm(len(data.x_train), generator=order).split(spec.train.batch_size):
             optimizer.zero_grad()
-            F.binary_cross_entropy_with_logits(model(data.x_train[batch]), data.y_train[batch]).backward()
+            loss_fn(model(data.x_train[batch]), data.y_train[batch]).backward()
             optimizer.step()
+
+
+def grid(depth: int) -> list[Spec]:
+    """The criticality study's members at one depth, trained for one epoch."""
+    return [spec.replace(**{"train.epochs": 1}) for _, _, spec in criticality.next_jobs([])
+            if spec.model.depth == depth]
+
+
+def grid_lines(depth: int, pool: ProcessPoolExecutor | None, processes: int):
+    """The criticality workload's lines: one net by the plain loop, one depth's members stacked."""
+    specs = grid(depth)
+    cadence = criticality.CADENCE
+
+    def stacked(_seed: int) -> None:
+        train_many(specs, **cadence)
+
+    out = [("loop (baseline)", lambda seed: loop(seed, specs[0]), 1),
+           (f"ensemble E={len(specs)} depth {depth}", stacked, len(specs))]
+    if pool is not None:
+        out.append((f"ensemble E={len(specs)}, {processes} procs", ensembles_on(pool, processes, depth, True),
+                    len(specs)))
+    return out
 
 
 def keras_fit(seed: int) -> None:
@@ -101,9 +133,20 @@ def _half(args: tuple[int, int]) -> int:
     return args[1]
 
 
-def ensembles_on(pool: ProcessPoolExecutor, processes: int, size: int) -> Callable[[int], None]:
-    """E runs as ``processes`` ensembles of E / processes trained at once, in warm worker processes."""
+def _grid_part(args: tuple[int, int, int]) -> int:
+    depth, part, parts = args
+    specs = grid(depth)[part::parts]
+    train_many(specs, **criticality.CADENCE)
+    return len(specs)
+
+
+def ensembles_on(pool: ProcessPoolExecutor, processes: int, size: int, grid_depth: bool = False) -> Callable:
+    """E runs as ``processes`` ensembles of E / processes trained at once, in warm worker processes
+    (``grid_depth``: ``size`` is a depth of the criticality grid, whose members are split instead)."""
     def run(first_seed: int) -> None:
+        if grid_depth:
+            assert sum(pool.map(_grid_part, [(size, i, processes) for i in range(processes)])) == len(grid(size))
+            return
         part = size // processes
         assert sum(pool.map(_half, [(first_seed + i * part, part) for i in range(processes)])) == size
 
@@ -143,13 +186,16 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="worker processes for the parallel lines (1: none)")
     parser.add_argument("--full", action="store_true", help="also time ensembles with train's exact records")
     parser.add_argument("--no-keras", action="store_true", help="leave the Keras line out")
+    parser.add_argument("--workload", choices=("seed", "criticality"), default="seed")
+    parser.add_argument("--depth", type=int, default=22, help="the criticality grid's depth to time")
     args = parser.parse_args()
     _setup()
     pool = None
     if args.processes > 1:
         pool = ProcessPoolExecutor(args.processes, mp_context=get_context("spawn"), initializer=_setup)
         list(pool.map(_half, [(0, 2)] * args.processes))  # start and warm the workers outside the timing
-    todo = lines(args.sizes, args.full, not args.no_keras, pool, args.processes)
+    todo = lines(args.sizes, args.full, not args.no_keras, pool, args.processes) if args.workload == "seed" \
+        else grid_lines(args.depth, pool, args.processes)
     seconds: dict[str, list[float]] = {name: [] for name, _, _ in todo}
     rng = random.Random(0)
     for repeat in range(args.repeats):
@@ -162,7 +208,9 @@ def main() -> None:
         pool.shutdown()
     per_run = {name: statistics.median(s) for name, s in seconds.items()}
     base = per_run["loop (baseline)"]
-    print(f"\nseed experiment, {SEED.train.epochs} epochs; torch {torch.__version__}, 1 torch thread per process, "
+    what = f"seed experiment, {SEED.train.epochs} epochs" if args.workload == "seed" \
+        else f"criticality grid at depth {args.depth}, 1 epoch"
+    print(f"\n{what}; torch {torch.__version__}, 1 torch thread per process, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; medians of {args.repeats}")
     print(f"{'line':<30}{'ms/run':>10}{'runs/s':>10}{'x loop':>9}")
     for name, _, _ in todo:
