@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/monitor_overhead.py
 	$(BIN)/python benchmarks/sweep_throughput.py
 	$(BIN)/python benchmarks/store_scale.py
+	$(BIN)/python benchmarks/sweep_throughput.py --workload criticality
 
 study: $(STAMP)
 	$(BIN)/gradwatch study all

@@ -106,3 +106,14 @@ def test_sigma_w2_and_sigma_b2_set_the_mean_field_scale():
     assert net.dense2.bias.var().item() == pytest.approx(0.05, rel=0.15)
     assert net.dense2.bias.mean().item() == pytest.approx(0.5, abs=0.03)
     assert net.out.bias.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(INITS))
+def test_scale_is_the_variance_times_fan_in_of_a_square_layer(name):
+    from gradwatch.nets import SCALE, sigma_w2
+
+    torch.manual_seed(0)
+    w = torch.empty(FAN_IN, FAN_IN)
+    INITS[name](w)
+    assert w.var().item() * FAN_IN == pytest.approx(SCALE[name], rel=0.03)
+    assert sigma_w2(ModelSpec(init=name, init_gain=2.0)) == pytest.approx(4 * SCALE[name])

@@ -95,6 +95,7 @@ def test_train_to_the_end_then_save_for_gradwatch_show(client, tmp_path):
     state = wait_for(client, sid, "finished")
     assert state["epoch"] == 3 and len(state["history"]["loss"]) == 3
     assert list(state["layers"]["grad_norm"]) == ["dense1", "dense2", "dense3", "out"]
+    assert list(state["theory"]) == ["dense1", "dense2", "dense3"] and state["theory"]["dense3"] == 1.0
     assert state["boundary"]["points"]["x1"] and len(state["boundary"]["p"]) == 40
     assert list(state["weights"]) == ["dense1", "dense2", "dense3", "out"]  # weight_trace: a line per layer
     assert all(len(v) == 3 for v in state["weights"].values())
@@ -288,3 +289,14 @@ def test_link_reproduces_settings_and_bad_values_show_the_field(page, server):
     page.wait_for_function("() => document.getElementById('error').textContent.length > 0")
     assert page.inner_text("#error").startswith("train.epochs: got 5000; allowed: >= 1 and <= 2000")
     shoot(page, "playground-error")
+
+
+def test_theory_overlay_predicts_vanishing_for_sigmoid_and_balance_for_relu_he():
+    from gradwatch.spec import Spec
+    from gradwatch.train import Training
+    from gradwatch.web.sessions import predicted
+
+    sigmoid = predicted(Training(Spec()))  # the seed's 10 x 10 sigmoid net
+    relu_he = predicted(Training(Spec().replace(**{"model.activation": "relu", "model.init": "he_normal"})))
+    assert sigmoid["dense1"] < 1e-3 and 0.3 < relu_he["dense2"] < 3
+    assert predicted(Training(Spec().replace(**{"model.norm": "batch"}))) is None

@@ -53,6 +53,15 @@ INITS: dict[str, Callable[[torch.Tensor], None]] = {
     "orthogonal": nn.init.orthogonal_,
 }
 
+# init -> Var(w) x fan_in on a square layer: mean field's sigma_w^2 (times init_gain^2) for that init
+SCALE = {"default": 1 / 3, "glorot_uniform": 1.0, "glorot_normal": 1.0, "he_uniform": 2.0, "he_normal": 2.0,
+         "lecun_normal": 1.0, "orthogonal": 1.0}
+
+
+def sigma_w2(spec: ModelSpec) -> float:
+    """The mean-field weight scale sigma_w^2 = Var(w) x fan_in that ``spec``'s init gives a square layer."""
+    return spec.sigma_w2 if spec.sigma_w2 is not None else SCALE[spec.init] * spec.init_gain**2
+
 
 def _bce(z, y, reduction: str = "mean"):
     return F.binary_cross_entropy_with_logits(z, y, reduction=reduction)

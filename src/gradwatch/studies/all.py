@@ -31,7 +31,8 @@ def write_page(results: list[Result], out_dir: Path, demo_runs: list[Run] = ()) 
 
 
 # the studies the closing note quotes: the trainable-depth table, then each conclusion sentence
-CLOSING = ("depth", "sequences", "exploding", "output-activation", "width-vs-depth", "relu-he")
+CLOSING = ("depth", "sequences", "exploding", "output-activation", "width-vs-depth", "relu-he", "criticality",
+           "isometry")
 
 
 def closing(page: Page, results: list[Result]) -> None:

@@ -16,8 +16,10 @@ import time
 import uuid
 
 from gradwatch.diagnose import diagnose
+from gradwatch.nets import ACTIVATIONS, sigma_w2
 from gradwatch.records import Records
 from gradwatch.spec import Spec
+from gradwatch.theory import meanfield
 from gradwatch.train import Training, boundary
 
 LAYER_STATS = ("grad_norm", "backprop_norm", "act_rms", "saturated_frac", "dead_frac")  # the latest value: bars
@@ -51,6 +53,19 @@ def recent(rows) -> Records:
     return window
 
 
+def predicted(training: Training) -> dict[str, float] | None:
+    """Mean field's weight-gradient norm of each hidden layer over the last one's, for the page's dashed
+    overlay (theory.meanfield.gradient_profile at the net's init); None where it does not apply
+    (recurrent nets, norm layers, skip connections)."""
+    model = training.spec.model
+    if model.kind != "mlp" or model.norm != "none" or model.residual or model.depth < 1:
+        return None
+    x = training.data.x_train
+    profile = meanfield.gradient_profile(ACTIVATIONS[model.activation]().double(), sigma_w2(model), model.sigma_b2,
+                                         model.depth, float(x.square().mean()), x.shape[1], model.width)
+    return {f"dense{i}": num(r) for i, r in enumerate(profile, 1)}
+
+
 def finding_json(f) -> dict:
     return {"kind": f.kind, "severity": f.severity, "layers": f.layers, "text": str(f)}
 
@@ -76,8 +91,9 @@ class Session:
     def _load(self, spec: Spec) -> None:
         """A fresh Training and an empty snapshot (called under train_lock, or before the thread starts)."""
         training = Training(spec)  # may raise SpecError (e.g. an output that cannot fit the data)
+        theory = predicted(training)
         with self.lock:
-            self.spec, self.training = spec, training
+            self.spec, self.training, self.theory = spec, training, theory
             self.status, self.pending, self.saved, self.error = "idle", 0, None, None
             self.history: dict[str, list] = {k: [] for k in ("epoch", *SCALARS)}
             self.weights: dict[str, list[float]] = {}
@@ -209,6 +225,7 @@ class Session:
                 "history": {k: v[since:] for k, v in self.history.items()},
                 "weights": {k: v[since:] for k, v in self.weights.items()},
                 "layers": {k: dict(v) for k, v in self.layers.items()},
+                "theory": self.theory,
                 "findings": list(self.findings),
                 "boundary_version": self.boundary_version,
                 "saved": self.saved,

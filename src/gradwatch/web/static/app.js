@@ -279,6 +279,17 @@ function layerBars(stat, name, color, extra = {}) {
   return { type: "bar", name, x: Object.keys(values), y: Object.values(values), marker: { color }, ...extra };
 }
 
+// mean field's prediction for the net on screen (dashed), pinned to the measured last hidden layer's bar
+function theoryLine() {
+  const ratios = app.state && app.state.theory, measured = app.layers.grad_norm || {};
+  const names = ratios ? Object.keys(ratios) : [];
+  const anchor = measured[names[names.length - 1]];
+  if (!names.length || !anchor) return null;
+  return { type: "scatter", mode: "lines+markers", name: "theory (mean field)", x: names,
+    y: names.map((n) => (ratios[n] === null ? null : ratios[n] * anchor)),
+    line: { dash: "dash", color: "#d9480f" }, marker: { size: 5 } };
+}
+
 // every update redraws the gradient bars and the curves; the slower panels follow at most every SLOW_MS
 const SLOW_MS = 700;
 
@@ -288,7 +299,9 @@ function render() {
   const grad = [layerBars("grad_norm", "this run", "#2f6fde")];
   if (pin) grad.push({ type: "bar", name: `pinned: ${pin.label}`, x: Object.keys(pin.grad), y: Object.values(pin.grad),
     marker: { color: "#b8bec9" } });
-  Plotly.react("grad", grad, { ...BASE, barmode: "group", showlegend: Boolean(pin),
+  const theory = theoryLine();
+  if (theory) grad.push(theory);
+  Plotly.react("grad", grad, { ...BASE, barmode: "group", showlegend: Boolean(pin || theory),
     yaxis: { type: "log", title: { text: "||gradient||" }, exponentformat: "power", dtick: 1 }, xaxis: { title: { text: "layer (input → output)" } } },
   PLOT);
 
