@@ -164,8 +164,9 @@ def _accuracy(rows: list[dict]) -> Figure:
 def _caption(data: dict) -> str:
     seen, theory = data["max_over_median"], data["theory_max_over_median"]
     return (f"Singular values of the input-output Jacobian d h_L / d x at init (width {WIDTH}, {PROBES} digits inputs, "
-            f"seed 0; bars) against theory (dashed): the free-probability model of Pennington et al. 2017/2018 "
-            f"(independent D_l at the mean-field q* and W_l), sampled by Monte Carlo at the same width because its "
+            f"seed 0; bars; values below 1e-6 are drawn in the leftmost bin) against theory (dashed): the "
+            f"free-probability model of Pennington et al. 2017/2018 (independent D_l at the mean-field q* and W_l), "
+            f"sampled by Monte Carlo at the same width because its "
             f"density has no closed form (its first two moments do: theory.spectrum.moments). tanh at the edge of "
             f"chaos (sigma_w^2 = {TANH_CRITICAL:.3f}, sigma_b^2 = {SIGMA_B2}); ReLU at He's sigma_w^2 = 2. At depth "
             f"{data['depth']}, max/median singular value: orthogonal {seen['orthogonal']:.3g} (theory "
