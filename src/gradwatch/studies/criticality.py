@@ -123,16 +123,22 @@ def summarize(runs: list[Run]) -> Result:
 
 
 def conclude(measured: dict[str, dict]) -> str:
-    """One sentence per panel, computed from its heat map."""
+    """One sentence per panel, computed from its heat map: where the boundary sits in units of xi, and
+    whether the training budget rather than xi is what stops it near the edge."""
     parts = []
     for name, m in measured.items():
         gap = abs(m["deepest_sigma_w2"] - m["critical_sigma_w2"])
+        pairs = [(d, x) for d, x in zip(m["deepest_trainable"], m["xi_c"], strict=True) if math.isfinite(x) and d]
+        ratio = statistics.median(d / x for d, x in pairs) if pairs else math.nan
+        cap = max(m["deepest_trainable"], default=0)
+        short = sum(d < min(3 * x, max(m["depths"])) for d, x in zip(m["deepest_trainable"], m["xi_c"], strict=True))
         parts.append(
             f"{name} (sigma_b^2 = {m['sigma_b2']}): for {m['fraction_within']:.0%} of the {len(m['sigma_w2'])} "
             f"sigma_w^2 values the deepest net that trains (test accuracy >= {TRAINED}) lies between 3 and 12 "
-            f"depth scales (capped at the deepest tried, {max(m['depths'])}); the sigma_w^2 that trains deepest, "
-            f"{m['deepest_sigma_w2']:.2f}, is {gap:.2f} from the critical {m['critical_sigma_w2']:.2f} "
-            f"({'within' if gap <= 0.25 else 'NOT within'} 0.25).")
+            f"depth scales (capped at the deepest tried, {max(m['depths'])}); the boundary sits at a median "
+            f"{ratio:.1f} xi (theory: about 6), and {short} values fall short of 3 xi, none trains deeper than {cap} "
+            f"layers in this budget; the sigma_w^2 that trains deepest, {m['deepest_sigma_w2']:.2f}, is {gap:.2f} "
+            f"from the critical {m['critical_sigma_w2']:.2f} ({'within' if gap <= 0.25 else 'NOT within'} 0.25).")
     return " ".join(parts)
 
 
