@@ -47,7 +47,7 @@ def derivatives(phi: Activation, u: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def expect(fn: Callable[[torch.Tensor], torch.Tensor], q: float) -> float:
     """E[fn(sqrt(q) Z)] for Z ~ N(0, 1)."""
-    return float((W * fn(math.sqrt(q) * Z)).sum())
+    return float((W * fn(math.sqrt(q) * Z)).sum().detach())  # detach: PReLU's slope is a parameter
 
 
 def mu(phi: Activation, q: float, k: int = 1) -> float:
@@ -87,7 +87,7 @@ def correlation_map(phi: Activation, sigma_w2: float, sigma_b2: float, c: float,
     """The next layer's correlation of two inputs' pre-activations, both at length q (default q*)."""
     q = q_star(phi, sigma_w2, sigma_b2) if q is None else q
     u1, u2, w = _pair(q, c)
-    return (sigma_w2 * float((w * phi(u1) * phi(u2)).sum()) + sigma_b2) / q
+    return (sigma_w2 * float((w * phi(u1) * phi(u2)).sum().detach()) + sigma_b2) / q
 
 
 def c_star(phi: Activation, sigma_w2: float, sigma_b2: float) -> float:
