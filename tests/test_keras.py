@@ -145,3 +145,31 @@ def test_the_readme_the_table_and_a_fit_agree_on_what_the_callback_records(moons
     watch = fit(seed_model("relu", keras.optimizers.SGD(0.1), depth=2), moons, epochs=1)
     logs = {"loss", "accuracy", "val_loss", "val_accuracy"}
     assert set(watch.records.stats()) == offered | logs
+
+
+def batch_norm_model(seed: int = 0) -> keras.Model:
+    """Three Dense -> BatchNormalization -> sigmoid blocks: moving statistics that lag the batch's."""
+    keras.utils.set_random_seed(seed)
+    blocks = [[keras.layers.Dense(10), keras.layers.BatchNormalization(), keras.layers.Activation("sigmoid")]
+              for _ in range(3)]
+    model = keras.Sequential([keras.Input((2,)), *sum(blocks, []), keras.layers.Dense(1, "sigmoid")])
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="binary_crossentropy")
+    return model
+
+
+def test_batch_norm_probe_gradient_is_the_one_fit_applies_and_leaves_the_moving_statistics(moons):
+    """The probe is taken in training mode (batch statistics), as fit's own step; Keras's step is the oracle."""
+    x, y, _, _ = moons
+    model = batch_norm_model()
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    old = [layer.get_weights() for layer in dense]
+    watch = GradWatch(probe=(x, y), verbose=0)
+    model.fit(x, y, epochs=1, batch_size=len(x), shuffle=False, verbose=0, callbacks=[watch])
+    for layer, before in zip(dense, old, strict=True):
+        moved = [(o - n) / 0.5 for o, n in zip(before, layer.get_weights(), strict=True)]
+        assert watch.records.at("grad_norm", 0)[layer.name] == pytest.approx(
+            math.sqrt(sum((g**2).sum() for g in moved)), rel=1e-3)
+    unwatched = batch_norm_model()
+    unwatched.fit(x, y, epochs=1, batch_size=len(x), shuffle=False, verbose=0)
+    for mine, theirs in zip(model.get_weights(), unwatched.get_weights(), strict=True):  # moving stats included
+        np.testing.assert_allclose(mine, theirs, rtol=1e-6)

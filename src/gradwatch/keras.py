@@ -50,9 +50,19 @@ ADAPTIVE: dict[str, str] = {
 
 
 def _loss(model: keras.Model, probe):
-    """The compiled loss on the probe batch, in inference mode so batch norm and dropout keep their state."""
+    """The compiled loss on the probe batch in training mode, as ``fit`` computes it.
+
+    Training mode, because its gradient is the one the optimizer applies: in inference mode batch norm
+    divides by moving statistics that lag the weights (momentum 0.99), and a batch-norm net that trains
+    well read vanishing at the start and exploding later. The state the forward pass updates (moving
+    statistics, dropout's seed) is put back, so measuring leaves ``fit``'s own training untouched.
+    """
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(probe)
-    return model.compute_loss(x=x, y=y, y_pred=model(x, training=False), sample_weight=sample_weight)
+    state = [keras.ops.copy(v.value) for v in model.non_trainable_variables]
+    y_pred = model(x, training=True)
+    for variable, value in zip(model.non_trainable_variables, state, strict=True):
+        variable.assign(value)
+    return model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
 
 
 def _torch_gradients(model: keras.Model, variables: list, probe) -> list[torch.Tensor]:
