@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/ruff check .
-	KERAS_BACKEND=torch $(BIN)/python -m pytest -q -n 2 tests
+	KERAS_BACKEND=torch $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/monitor_overhead.py
