@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/ruff check .
-	KERAS_BACKEND=torch $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+	KERAS_BACKEND=torch $(BIN)/python -m pytest -q -n 2 tests
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/monitor_overhead.py

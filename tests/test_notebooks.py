@@ -24,8 +24,6 @@ LN2 = math.log(2)
 REMEDIES = ("relu", "he_init", "batch_norm", "residual")
 STUDIES = {"output_activation": "first/last ratio", "width_vs_depth": "equal parameter count", "relu_he": "decades"}
 TIMEOUT = 600  # per cell; the whole lesson takes a few minutes on 2 busy cores
-# Under `pytest -n 2 --dist loadgroup` (make test) each notebook runs once, on one worker, not once per worker
-LESSON_RUN, OTHER_RUNS = pytest.mark.xdist_group("lesson"), pytest.mark.xdist_group("notebooks")
 
 
 def execute(name: str, workdir: Path, head: str = "", until: str = ""):
@@ -65,24 +63,46 @@ def number(pattern: str, c) -> float:
     return float(match.group(1))
 
 
-def check_stuck_and_vanishing(nb) -> None:
+def stuck_and_vanishing(nb) -> None:
     """The lesson's first claim: the deep sigmoid net sits at ln 2 and GradWatch diagnoses vanishing."""
     fit = cell(nb, "fit")
     assert abs(number(r"loss after 100 epochs: ([\d.]+)", fit) - LN2) < 0.01
     assert re.search(r"^\s*vanishing \(", text(fit), re.M), text(fit)
 
 
-@pytest.fixture(scope="module")
-def lesson(tmp_path_factory):
-    return execute(LESSON, tmp_path_factory.mktemp("lesson"))
+def seed_measures_beside_the_true_gradient(nb) -> None:
+    """Under Adam the first layer's weights move (the seed's measure) while its true gradient is tiny."""
+    c = cell(nb, "seed_vs_true_table")
+    rows = [line.split() for line in text(c).splitlines()
+            if re.match(r"^dense\S*\s+[-\d.e+]+\s+[-\d.e+]+\s+[-\d.e+]+$", line)]
+    assert len(rows) == 11  # ten hidden Dense layers and the output
+    seed_gradient, percent_change, true_gradient = map(float, rows[0][1:])
+    assert seed_gradient == pytest.approx(number(r"mean \|gradient\| ([\d.e+-]+)", c), rel=0.01)
+    assert percent_change > 1 and true_gradient < 1e-4 * seed_gradient
 
 
-@pytest.fixture(scope="module")
-def watched(tmp_path_factory):
-    return execute(WATCH, tmp_path_factory.mktemp("watch"))
+def figures_drawn(nb) -> None:
+    """Data, seed-vs-true, gradient flow, loss with boundary; per remedy flow, loss and boundaries."""
+    expected = {"data": 1, "seed_vs_true": 1, "gradient_flow": 1, "loss_boundary": 2,
+                **{f"remedy_{r}": 3 for r in REMEDIES}, **{f"study_{s}": 1 for s in STUDIES}}
+    assert {tag: pngs(cell(nb, tag)) for tag in expected} == expected
 
 
-@OTHER_RUNS
+def remedies_below_the_stuck_loss_or_why_not(nb) -> None:
+    for remedy in REMEDIES:
+        c = cell(nb, f"remedy_{remedy}")
+        loss = number(rf"{remedy}: loss ([\d.e+-]+) after 100 epochs", c)
+        assert loss < 0.99 * number(r"the sigmoid net's: ([\d.]+)", c) or "why:" in text(c), text(c)
+    for remedy in ("relu", "batch_norm"):  # both train, and a net that trains gets no finding
+        c = cell(nb, f"remedy_{remedy}")
+        assert number(rf"{remedy}: loss ([\d.e+-]+) after", c) < 0.2 and "findings: none" in text(c), text(c)
+
+
+def study_conclusions(nb) -> None:
+    for study, phrase in STUDIES.items():
+        assert phrase in text(cell(nb, f"study_{study}"))
+
+
 @pytest.mark.parametrize("name", [LESSON, WATCH])
 def test_notebooks_are_committed_without_outputs(name):
     nb = nbformat.read(EXAMPLES / name, as_version=4)
@@ -91,59 +111,14 @@ def test_notebooks_are_committed_without_outputs(name):
     assert code and all(c.outputs == [] and c.execution_count is None for c in code)
 
 
-@LESSON_RUN
-def test_lesson_deep_sigmoid_net_is_stuck_at_ln2_with_vanishing_diagnosed(lesson):
-    check_stuck_and_vanishing(lesson)
-    assert pngs(cell(lesson, "data")) == 1
-
-
-@LESSON_RUN
-def test_lesson_sets_the_seeds_weight_change_beside_the_true_gradient(lesson):
-    """Under Adam the first layer's weights move (the seed's measure) while its true gradient is tiny."""
-    rows = [line.split() for line in text(cell(lesson, "seed_vs_true_table")).splitlines()
-            if re.match(r"^dense\S*\s+[-\d.e+]+\s+[-\d.e+]+\s+[-\d.e+]+$", line)]
-    assert len(rows) == 11  # ten hidden Dense layers and the output
-    seed_gradient, percent_change, true_gradient = map(float, rows[0][1:])
-    assert seed_gradient == pytest.approx(number(r"mean \|gradient\| ([\d.e+-]+)", cell(lesson, "seed_vs_true_table")),
-                                          rel=0.01)
-    assert percent_change > 1 and true_gradient < 1e-4 * seed_gradient
-    assert pngs(cell(lesson, "seed_vs_true")) == 1
-
-
-@LESSON_RUN
-def test_lesson_draws_gradient_flow_loss_and_decision_boundary(lesson):
-    assert pngs(cell(lesson, "gradient_flow")) == 1
-    assert pngs(cell(lesson, "loss_boundary")) == 2
-
-
-@LESSON_RUN
-@pytest.mark.parametrize("remedy", REMEDIES)
-def test_each_remedy_ends_below_the_stuck_loss_or_says_why_not(lesson, remedy):
-    c = cell(lesson, f"remedy_{remedy}")
-    assert pngs(c) == 3  # gradient flow, loss curves, decision boundaries
-    loss = number(rf"{remedy}: loss ([\d.e+-]+) after 100 epochs", c)
-    stuck = number(r"the sigmoid net's: ([\d.]+)", c)
-    assert loss < 0.99 * stuck or "why:" in text(c)
-
-
-@LESSON_RUN
-def test_relu_and_batch_norm_train_with_no_finding(lesson):
-    for remedy in ("relu", "batch_norm"):
-        c = cell(lesson, f"remedy_{remedy}")
-        assert number(rf"{remedy}: loss ([\d.e+-]+) after", c) < 0.2
-        assert "findings: none" in text(c), text(c)
-
-
-@LESSON_RUN
-@pytest.mark.parametrize("study", STUDIES)
-def test_each_study_question_prints_its_conclusion_and_figure(lesson, study):
-    c = cell(lesson, f"study_{study}")
-    assert STUDIES[study] in text(c) and pngs(c) == 1
-
-
-@LESSON_RUN
-def test_lesson_ends_pointing_to_gradwatch_serve(lesson):
-    assert lesson.cells[-1].cell_type == "markdown" and "gradwatch serve" in lesson.cells[-1].source
+def test_lesson_runs_and_shows_the_stuck_net_its_diagnosis_remedies_and_studies(tmp_path):
+    nb = execute(LESSON, tmp_path)
+    stuck_and_vanishing(nb)
+    seed_measures_beside_the_true_gradient(nb)
+    figures_drawn(nb)
+    remedies_below_the_stuck_loss_or_why_not(nb)
+    study_conclusions(nb)
+    assert nb.cells[-1].cell_type == "markdown" and "gradwatch serve" in nb.cells[-1].source
 
 
 SABOTAGE = {
@@ -154,29 +129,20 @@ SABOTAGE = {
 }
 
 
-@OTHER_RUNS
 @pytest.mark.parametrize("sabotage", SABOTAGE)
 def test_breaking_gradwatch_fails_the_lesson_checks(tmp_path, sabotage):
     with pytest.raises((AssertionError, nbclient.exceptions.CellExecutionError)):
-        check_stuck_and_vanishing(execute(LESSON, tmp_path, head=SABOTAGE[sabotage], until="fit"))
+        stuck_and_vanishing(execute(LESSON, tmp_path, head=SABOTAGE[sabotage], until="fit"))
 
 
-@OTHER_RUNS
-def test_watch_notebook_redraws_one_live_chart_and_the_cnn_trains(watched):
-    live = cell(watched, "live")
+def test_watch_notebook_charts_live_diagnoses_and_hands_records_to_pandas(tmp_path):
+    nb = execute(WATCH, tmp_path)
+    live = cell(nb, "live")
     assert pngs(live) == 1  # clear_output replaced each epoch's chart with the next
     assert number(r"test accuracy ([\d.]+)%", live) > 80
-
-
-@OTHER_RUNS
-def test_watch_notebook_diagnoses_the_healthy_cnn_clean_and_the_sigmoid_one_vanishing(watched):
-    assert "no findings" in text(cell(watched, "diagnose"))
-    assert re.search(r"^vanishing \(", text(cell(watched, "sigmoid")), re.M)
-
-
-@OTHER_RUNS
-def test_watch_notebook_hands_the_records_to_pandas_and_draws_the_report(watched):
-    frame = "".join(o.data.get("text/html", "") for o in cell(watched, "frame").outputs if "data" in o)
+    assert "no findings" in text(cell(nb, "diagnose"))  # the healthy CNN: no false alarm
+    assert re.search(r"^vanishing \(", text(cell(nb, "sigmoid")), re.M)
+    frame = "".join(o.data.get("text/html", "") for o in cell(nb, "frame").outputs if "data" in o)
     assert all(f"<th>{column}</th>" in frame for column in ("run", "step", "epoch", "layer", "stat", "value"))
-    assert "features.0" in text(cell(watched, "pivot"))
-    assert pngs(cell(watched, "show")) >= 3
+    assert "features.0" in text(cell(nb, "pivot"))
+    assert pngs(cell(nb, "show")) >= 3  # report.show: loss, gradient flow, layer health
