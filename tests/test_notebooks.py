@@ -124,8 +124,13 @@ def test_lesson_runs_and_shows_the_stuck_net_its_diagnosis_remedies_and_studies(
 SABOTAGE = {
     "no probe gradients": "from gradwatch.keras import GradWatch\n"
                           "GradWatch._measure_gradients = lambda self, step, epoch: None",
-    "records dropped": "import gradwatch.records\n"
-                       "gradwatch.records.Records.add = lambda self, *args, **kwargs: None",
+    "records dropped": "from collections import deque\n"
+                       "from gradwatch.keras import GradWatch\n"
+                       "made = GradWatch.__init__\n"
+                       "def dropping(self, *args, **kwargs):\n"
+                       "    made(self, *args, **kwargs)\n"
+                       "    self.records.rows = deque(maxlen=0)  # every row it records is dropped\n"
+                       "GradWatch.__init__ = dropping",
 }
 
 
