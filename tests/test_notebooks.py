@@ -151,3 +151,5 @@ def test_watch_notebook_charts_live_diagnoses_and_hands_records_to_pandas(tmp_pa
     assert all(f"<th>{column}</th>" in frame for column in ("run", "step", "epoch", "layer", "stat", "value"))
     assert "features.0" in text(cell(nb, "pivot"))
     assert pngs(cell(nb, "show")) >= 3  # report.show: loss, gradient flow, layer health
+    doctor = text(cell(nb, "doctor"))  # the failing CNN's findings and the treatments ranked against them
+    assert "untreated" in doctor and "vanishing" in doctor and re.search(r"^1\s+\w+\s+[\d.]+", doctor, re.M)
