@@ -160,6 +160,46 @@ def test_a_trainer_that_dies_shows_error_with_its_reason_and_resets(client, monk
     assert wait_for(client, sid, "finished")["epoch"] == 3
 
 
+def wait_for_treatment(client, sid, timeout=120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        treat = client.get(f"/api/sessions/{sid}/state").json()["treat"]
+        if treat["status"] != "running":
+            return treat
+        time.sleep(0.1)
+    raise AssertionError(f"the treatment of session {sid} never finished")
+
+
+def test_treat_ranks_what_clears_vanishing_first_on_the_failing_net(client):
+    sid = client.post("/api/sessions", json={}).json()["id"]  # the seed's failing 10 x 10 sigmoid net
+    assert client.get(f"/api/sessions/{sid}/state").json()["treat"]["status"] == "idle"
+    res = client.post(f"/api/sessions/{sid}/treat")
+    assert res.status_code == 200 and res.json()["treat"] == "running"
+    treat = wait_for_treatment(client, sid)
+    assert treat["status"] == "done", treat["error"]
+    assert "vanishing" in treat["findings"]
+    untreated, best, *rest = treat["rows"]
+    assert (untreated["#"], untreated["treatment"]) == ("-", "untreated") and "vanishing" in untreated["still"]
+    assert best["#"] == "1" and "vanishing" in best["clears"].split(", "), treat["rows"]
+    assert best["treatment"] in {"relu_he", "batch_norm", "residual"}
+    assert best["vs untreated"].startswith("-")  # a lower final loss than the untreated net's, measured
+    assert "fewer_layers" in treat["untried"]
+    client.post(f"/api/sessions/{sid}/reset")
+    assert client.get(f"/api/sessions/{sid}/state").json()["treat"]["status"] == "idle"  # settings changed
+
+
+def test_treat_on_an_unknown_session_is_404_and_a_healthy_net_has_nothing_to_treat(client):
+    res = client.post("/api/sessions/nope/treat")
+    assert res.status_code == 404 and res.json()["detail"].startswith("session: got 'nope'")
+    res = client.post("/api/sessions/nope/treat", content=b"x", headers={"content-type": "text/plain"})
+    assert res.status_code == 415  # the same request checks as every other POST
+    healthy = {"model.depth": 3, "model.width": 32, "model.activation": "relu", "model.init": "he_normal"}
+    sid = client.post("/api/sessions", json=healthy).json()["id"]
+    client.post(f"/api/sessions/{sid}/treat")
+    treat = wait_for_treatment(client, sid)
+    assert (treat["status"], treat["findings"], treat["rows"]) == ("done", [], [])
+
+
 def test_sessions_nobody_polls_are_reaped(tmp_path):
     app = create_app(tmp_path / "runs.db", idle_s=0.3)
     with TestClient(app, **OWN) as c:
@@ -274,6 +314,20 @@ def test_failing_net_vanishes_and_relu_he_fixes_it(page, server):
     assert page.evaluate("() => document.getElementById('grad').data.length") == 2  # the pinned run beside it
     assert "act=relu" in page.url and "init=he_normal" in page.url
     shoot(page, "playground-relu-he", "playground-relu-he.png")
+
+
+@pytest.mark.browser
+def test_treat_button_shows_the_ranked_table(page, server):
+    page.goto(f"{server}/?preset=failing")
+    page.wait_for_function("() => window.playground.state && window.playground.state.status === 'idle'")
+    page.click("#treat")
+    page.wait_for_function("() => window.playground.state.treat.status !== 'running'", timeout=120_000)
+    page.wait_for_selector("#treatment tbody tr")
+    rows = page.eval_on_selector_all("#treatment tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))")
+    assert rows[0][:2] == ["#", "treatment"] and rows[1][:2] == ["-", "untreated"]
+    assert rows[2][0] == "1" and "vanishing" in rows[2][4], rows
+    assert "best first" in page.inner_text("#treat-status") and not page.is_disabled("#treat")
+    shoot(page, "playground-treat")
 
 
 @pytest.mark.browser

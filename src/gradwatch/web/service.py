@@ -16,7 +16,7 @@ from gradwatch.spec import Spec, SpecError
 from gradwatch.store import Store
 from gradwatch.web.sessions import Session
 
-COMMANDS = ("train", "pause", "step", "reset", "save")
+COMMANDS = ("train", "pause", "step", "reset", "save", "treat")
 SAVABLE = ("paused", "finished", "diverged")  # idle, running, error or saved runs have nothing (new) to keep
 
 
@@ -86,6 +86,9 @@ class Sessions:
             return self.save(session)
         if name == "reset":
             unprocessable(session.reset, spec)
+        elif name == "treat":
+            session.treat()
+            return {"id": sid, "status": session.status, "treat": "running"}
         else:
             session.command(name)
         return {"id": sid, "status": session.status}

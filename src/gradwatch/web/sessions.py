@@ -21,6 +21,7 @@ from gradwatch.records import Records
 from gradwatch.spec import Spec
 from gradwatch.theory import meanfield
 from gradwatch.train import Training, boundary
+from gradwatch.web.treat import Treating, one_line
 
 LAYER_STATS = ("grad_norm", "backprop_norm", "act_rms", "saturated_frac", "dead_frac")  # the latest value: bars
 TRACE = "weight_trace"  # every epoch's value per layer, drawn as lines over epochs (the seed's weight picture)
@@ -99,6 +100,7 @@ class Session:
             self.weights: dict[str, list[float]] = {}
             self.layers: dict[str, dict[str, float | None]] = {}
             self.findings: list[dict] = []
+            self.treating = Treating()  # a doctor still running for the old settings writes into the old one
             self.boundary, self.boundary_version = None, 0
             self.updates, self.seen = 0, 0
             self._diagnosed = self._drawn = 0.0  # monotonic times: next diagnosis, last drawing
@@ -122,6 +124,12 @@ class Session:
     def reset(self, spec: Spec | None = None) -> None:
         with self.train_lock:
             self._load(spec or self.spec)
+
+    def treat(self) -> None:
+        """Start the doctor on this session's settings (the net on screen), sharing the trainers' slots."""
+        with self.lock:
+            spec, treating = self.spec, self.treating
+        treating.start(spec, self.slots)
 
     def finish(self):
         """Stop for good and return the Run (the watcher detaches, so the run cannot train on)."""
@@ -156,7 +164,7 @@ class Session:
                 except Exception as exc:  # any failure: the page must say so, not spin on "running" forever
                     with self.lock:
                         self.status = "error"
-                        self.error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:300]
+                        self.error = one_line(exc)
             time.sleep(0.001)  # let a waiting session take the slot before this one asks again
 
     def _after_epoch(self, scalars: dict | None) -> None:
@@ -230,6 +238,7 @@ class Session:
                 "boundary_version": self.boundary_version,
                 "saved": self.saved,
                 "error": self.error,
+                "treat": self.treating.json(),
             }
             if boundary_version != self.boundary_version:
                 out["boundary"] = self.boundary

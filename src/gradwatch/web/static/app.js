@@ -256,6 +256,7 @@ function renderStatus() {
   if (!s) return;
   $("status").textContent = s.status;
   if (s.status === "error") showError(`training stopped: ${s.error} (reset to start over)`);
+  renderTreat(s.treat);
   $("epoch").textContent = s.epoch;
   $("epochs").textContent = s.epochs;
   const h = app.history;
@@ -394,6 +395,7 @@ async function start() {
   for (const name of ["train", "pause", "step", "save"]) $(name).addEventListener("click", () => command(name));
   $("reset").addEventListener("click", () => resetRun(readControls()));
   $("pin").addEventListener("click", pin);
+  $("treat").addEventListener("click", () => command("treat"));
   $("unpin").addEventListener("click", unpin);
   $("fields").addEventListener("submit", (e) => e.preventDefault());
   window.addEventListener("pagehide", () => {
