@@ -31,7 +31,7 @@ from gradwatch.records import Records
 from gradwatch.spec import SpecError
 from gradwatch.watch import watch
 
-__all__ = ["TREATMENTS", "Prescription", "Treatment", "doctor", "final_loss", "schedule"]
+__all__ = ["TREATMENTS", "Prescription", "Treatment", "doctor", "final_loss", "prescribe", "schedule"]
 
 LOGS = 20  # loss logs per trial: enough for the loss rules' 10-log window
 EVERY = 10  # the watcher's sampled-step cadence in a trial
@@ -272,23 +272,39 @@ def doctor(make_model: Callable[[], nn.Module], data, loss_fn: Callable, optimiz
             t.record(*result)
         return treatments
 
+    def propose(name: str) -> Treatment | str:
+        plan = _plan(name, base, make_model) if name in TREATMENTS else "a change only you can make"
+        if not isinstance(plan, str):
+            plan = _fits(plan, make_model, plans[0][0][0])
+        return plan if isinstance(plan, str) else Treatment(name, REMEDIES[name], plan, **kwargs)
+
     try:
-        (untreated,) = trial([Treatment("untreated", "", base, **kwargs)])
-        findings = _majority(untreated)
-        candidates, untried = [], {}
-        for name in dict.fromkeys(r.name for f in findings for r in f.remedies):
-            plan = _plan(name, base, make_model) if name in TREATMENTS else "a change only you can make"
-            if not isinstance(plan, str):
-                plan = _fits(plan, make_model, plans[0][0][0])
-            if isinstance(plan, str):
-                untried[name] = plan
-            else:
-                candidates.append(Treatment(name, REMEDIES[name], plan, **kwargs))
-        tried = trial(candidates)
+        rx = prescribe(trial, Treatment("untreated", "", base, **kwargs), propose)
     finally:
         torch.set_num_threads(before)
         if pool:
             pool.shutdown(cancel_futures=True)
+    rx.seeds, rx.steps, rx.seconds, rx.batches = seeds, steps, time.perf_counter() - start, lambda seed: plans[seed]
+    return rx
+
+
+def prescribe(trial: Callable[[list[Treatment]], list[Treatment]], untreated: Treatment,
+              propose: Callable[[str], Treatment | str]) -> Prescription:
+    """The doctor's method, whatever trains the trials: the untreated run's majority findings propose
+    remedies; ``propose(name)`` makes each a Treatment or says why it cannot be tried; ``trial`` trains
+    them from the same seeds; the measured final loss ranks them (fewer findings left breaks a tie).
+
+    The Prescription's budget fields (seeds, steps, seconds) are the caller's to fill in.
+    """
+    (untreated,) = trial([untreated])
+    findings = _majority(untreated)
+    candidates, untried = [], {}
+    for name in dict.fromkeys(r.name for f in findings for r in f.remedies):
+        made = propose(name)
+        if isinstance(made, str):
+            untried[name] = made
+        else:
+            candidates.append(made)
+    tried = trial(candidates)
     tried.sort(key=lambda t: (t.loss, len(t.kinds)))
-    return Prescription(findings, untreated, tried, untried, seeds, steps, time.perf_counter() - start,
-                        lambda seed: plans[seed])
+    return Prescription(findings, untreated, tried, untried, seeds=0, steps=0, seconds=0.0)
