@@ -5,6 +5,9 @@ remedy its findings name, and ranks the treatments by the loss they reach. In th
 under a small fixed BUDGET, so a press answers in seconds on a busy two-core machine, and it takes a
 trainer's slot while it works, so it shares the cores the sessions share instead of adding to them.
 The page polls the result with the session's state, as the ranked table ``print(rx)`` shows.
+The doctor seeds torch's global generator before each trial's model; a session opened or reset on
+another thread at that moment draws its initial weights from the same generator, so such a trial's
+init can differ from a quiet run's (the trainers' batches come from their own generators).
 """
 
 from __future__ import annotations
