@@ -118,6 +118,8 @@ def test_lesson_runs_and_shows_the_stuck_net_its_diagnosis_remedies_and_studies(
     figures_drawn(nb)
     remedies_below_the_stuck_loss_or_why_not(nb)
     study_conclusions(nb)
+    doctor = text(cell(nb, "doctor"))  # the stuck net's findings and a treatment ranked first that clears them
+    assert "untreated" in doctor and "vanishing" in doctor and re.search(r"^1\s+\w+\s+[\d.]+", doctor, re.M)
     assert nb.cells[-1].cell_type == "markdown" and "gradwatch serve" in nb.cells[-1].source
 
 
