@@ -13,7 +13,10 @@ one machine's loopback stays on it.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import logging
+import os
 import socket
 from collections.abc import Callable
 
@@ -68,6 +71,19 @@ def _node_ip(address: str) -> str | None:
         return None
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 sent to /dev/null for the block (C++ logging writes to the descriptor, not sys.stderr)."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def connect(address: str | None) -> None:
     """Join the Ray cluster at ``address`` (None: start a local Ray), unless Ray is initialised already."""
     import ray
@@ -80,7 +96,9 @@ def connect(address: str | None) -> None:
     _probe(address)
     _use_token_if_any()
     try:
-        ray.init(address=address, _node_ip_address=_node_ip(address), include_dashboard=False, log_to_driver=False)
+        with _quiet_stderr():  # Ray's C++ client logs each retry there: 20 lines would bury our one
+            ray.init(address=address, _node_ip_address=_node_ip(address), include_dashboard=False,
+                     log_to_driver=False, logging_level=logging.ERROR)
     except Exception as exc:  # ConnectionError, AuthenticationError, RuntimeError: Ray's wording varies by version
         text = f"{type(exc).__name__}: {exc} {exc.__cause__ or ''}"
         auth = "auth" in text.lower() or "token" in text.lower()
