@@ -114,17 +114,16 @@ def run_study(study: Study, store: Store, backend: str = "local", address: str |
 def _reuse(study: Study, store: Store) -> dict[str, tuple[Job, str]]:
     """key -> (job, stored run id) for every job already stored, labelled into the job's group and name."""
     wanted = {spec.key(): (name, group, spec) for name, group, spec in study.jobs}
-    found: dict[str, tuple[Job, str]] = {}
+    found: dict[str, tuple[Job, dict]] = {}
     for head in store.runs():
         job = wanted.get(head["key"])
         if job and (head["key"] not in found or (head["name"], head["group"]) == job[:2]):
-            found[head["key"]] = (job, head["id"])
-    heads = {head["id"]: head for head in store.runs(study.name)} if found else {}
-    labels = [(run_id, group, name) for (name, group, _), run_id in found.values()
-              if group != study.name or heads.get(run_id, {}).get("name") != name]
+            found[head["key"]] = (job, head)  # any stored copy; one already under this name and group first
+    labels = [(head["id"], group, name) for (name, group, _), head in found.values()
+              if (head["name"], head["group"]) != (name, group)]
     if labels:
         store.label(labels)
-    return found
+    return {key: (job, head["id"]) for key, (job, head) in found.items()}
 
 
 def check_memory(study: Study, processes: int) -> None:
