@@ -165,7 +165,7 @@ def test_two_node_sweep_with_token_auth_stores_what_the_local_backend_stores(tok
                             env=driver_env(home))
     print(f"two nodes: 32 runs in {time.monotonic() - start:.1f} s (driver start and Ray connect included)")
     assert remote.returncode == 0, remote.stdout + remote.stderr
-    assert "32 trained on 2 Ray node(s), 0 reused" in remote.stdout
+    assert "32 trained on 2 Ray node(s), 0 reused from the store." in remote.stdout
     ours, theirs = rows(tmp_path / "local.db"), rows(tmp_path / "ray.db")
     assert sorted(ours) == sorted(theirs) == expected()
     assert ours == theirs  # same names, groups, statuses, specs and summaries, to the last digit

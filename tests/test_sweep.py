@@ -148,9 +148,10 @@ def test_cli_prints_the_grid_size_and_a_rerun_says_every_run_was_reused(tmp_path
     path, db = write(tmp_path / "s.yaml", STUDY), str(tmp_path / "r.db")
     first = CliRunner().invoke(app, ["sweep", str(path), "--store", db, "--out", str(tmp_path / "rep")])
     assert first.exit_code == 0, first.output
-    assert first.output.startswith("sweep tiny: 6 runs in 2 cases\n") and "6 trained, 0 reused" in first.output
+    assert first.output.startswith("sweep tiny: 6 runs in 2 cases\n")
+    assert "6 trained, 0 reused from the store." in first.output
     again = CliRunner().invoke(app, ["sweep", str(path), "--store", db, "--out", str(tmp_path / "rep")])
-    assert "sweep tiny: 6 reused, training" in again.output and "0 trained, 6 reused" in again.output
+    assert "tiny: 6 reused" in again.output and "0 trained, 6 reused from the store." in again.output
     assert len(keys(db)) == 6
 
 

@@ -301,24 +301,16 @@ def sweep(
     from gradwatch.report.html import write_report
 
     plan = sw.load_study(study_file, limit=None if yes else sw.MAX_RUNS)  # validated whole, before any store opens
-    if backend == "local":
-        sw.check_memory(plan, workers)
-    console.print(f"sweep {plan.name}: {len(plan.jobs):,} runs in {sw.cases(plan):,} cases", highlight=False)
+    console.print(sw.preflight(plan, workers, backend), highlight=False)  # the grid's size, or refused: too big
     db, out = _store(store, write=True), out_dir(out, f"sweep-{plan.name}")
     with progress() as bar:
         task = bar.add_task(f"sweep {plan.name}", total=None, rate="")
-
-        def tick(done: int, total: int, reused: int, rate: float) -> None:
-            bar.update(task, completed=done, total=total, rate=f"{rate:.1f} runs/s",
-                       description=f"sweep {plan.name}: {reused:,} reused, training")
-
+        tick = lambda done, total, reused, rate: bar.update(  # noqa: E731
+            task, completed=done, total=total, rate=f"{rate:.1f} runs/s", description=f"{plan.name}: {reused:,} reused")
         outcome = sw.run_study(plan, db, backend, address, workers, tick)
-    where = f" on {outcome.nodes} Ray node(s)" if backend == "ray" and outcome.nodes else ""
-    console.print(f"{len(outcome.fresh):,} trained{where}, {outcome.reused:,} reused from the store "
-                  f"(all {len(plan.jobs):,} in group '{plan.name}')", highlight=False)
     print_rows(f"{plan.name}: medians over seeds", sw.summarize(plan, db))
     page = write_report(sw.report_runs(plan, db, outcome.fresh), out, title=f"gradwatch sweep: {plan.name}")
-    console.print(f"report: open {page.resolve()} in a browser; all runs: gradwatch report --group '{plan.name}'")
+    console.print(f"{outcome}. report: {page.resolve()}; all runs: gradwatch report --group '{plan.name}'")
 
 
 def _print_run(run, findings) -> None:

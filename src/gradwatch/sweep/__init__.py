@@ -17,9 +17,9 @@ The built-in studies (``gradwatch.studies``) run through the same ``run_study``,
 
 from gradwatch.sweep.grid import CHUNK, MAX_RUNS, Job, Study, cases, json_value, label, load_study, study
 from gradwatch.sweep.local import chunks, keep_memory, run_each, train_chunk, workers
-from gradwatch.sweep.run import BACKENDS, Outcome, check_memory, run_many, run_study
+from gradwatch.sweep.run import BACKENDS, Outcome, check_memory, preflight, run_many, run_study
 from gradwatch.sweep.tables import report_runs, summarize
 
 __all__ = ["BACKENDS", "CHUNK", "MAX_RUNS", "Job", "Outcome", "Study", "cases", "check_memory", "chunks",
-           "json_value", "keep_memory", "label", "load_study", "report_runs", "run_each", "run_many", "run_study",
-           "study", "summarize", "train_chunk", "workers"]
+           "json_value", "keep_memory", "label", "load_study", "preflight", "report_runs", "run_each", "run_many",
+           "run_study", "study", "summarize", "train_chunk", "workers"]

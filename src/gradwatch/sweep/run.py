@@ -20,7 +20,7 @@ from functools import lru_cache, partial
 from gradwatch.records import Run
 from gradwatch.spec import DataSpec, ModelSpec, SpecError
 from gradwatch.store import Store
-from gradwatch.sweep.grid import CHUNK, Job, Study
+from gradwatch.sweep.grid import CHUNK, Job, Study, cases
 from gradwatch.sweep.local import chunks, parallel, train_chunk, tune
 
 BACKENDS = ("local", "ray")
@@ -71,6 +71,11 @@ class Outcome:
     fresh: list[str] = field(default_factory=list)
     reused: int = 0
     nodes: int = 0
+    backend: str = "local"
+
+    def __str__(self) -> str:
+        where = f" on {self.nodes} Ray node(s)" if self.backend == "ray" and self.nodes else ""
+        return f"{len(self.fresh):,} trained{where}, {self.reused:,} reused from the store"
 
 
 def run_study(study: Study, store: Store, backend: str = "local", address: str | None = None, processes: int = 1,
@@ -82,8 +87,7 @@ def run_study(study: Study, store: Store, backend: str = "local", address: str |
     after each commit; ``on_run(run)`` with every run of the study: each reused one (read back from
     the store, under this study's name and group) before training starts, each fresh one once stored.
     """
-    if backend == "local":
-        check_memory(study, processes)
+    check_memory(study, processes, backend)
     reused = _reuse(study, store)
     todo = list({spec.key(): (name, group, spec) for name, group, spec in study.jobs if spec.key() not in reused}
                 .values())
@@ -92,7 +96,7 @@ def run_study(study: Study, store: Store, backend: str = "local", address: str |
             run = store.get(run_id)
             run.name, run.group = name, group
             on_run(run)
-    outcome, start = Outcome(reused=len(reused)), time.perf_counter()
+    outcome, start = Outcome(reused=len(reused), backend=backend), time.perf_counter()
 
     def done(run: Run) -> None:
         store.put_run(run)
@@ -126,8 +130,17 @@ def _reuse(study: Study, store: Store) -> dict[str, tuple[Job, str]]:
     return {key: (job, head["id"]) for key, (job, head) in found.items()}
 
 
-def check_memory(study: Study, processes: int) -> None:
-    """Refuse, in one line, a local sweep whose ensembles would need more memory than this machine has."""
+def preflight(study: Study, processes: int, backend: str) -> str:
+    """The line printed before a sweep starts (its size), once ``check_memory`` has let it through."""
+    check_memory(study, processes, backend)
+    return f"sweep {study.name}: {len(study.jobs):,} runs in {cases(study):,} cases"
+
+
+def check_memory(study: Study, processes: int, backend: str = "local") -> None:
+    """Refuse, in one line, a local sweep whose ensembles would need more memory than this machine has
+    (a Ray sweep's ensembles run on the cluster's nodes, whose memory is theirs to check)."""
+    if backend != "local":
+        return
     per_chunk = sorted(((sum(_member_bytes(spec.data, spec.model, spec.train.batch_size, spec.train.epochs,
                                            study.thin) for *_, spec in part), len(part), part[0][2])
                         for part in chunks(study.jobs, study.chunk)), key=lambda chunk: chunk[0])
