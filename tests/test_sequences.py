@@ -9,7 +9,7 @@ from gradwatch.data import load
 from gradwatch.nets import build
 from gradwatch.records import Records, Run
 from gradwatch.spec import Spec
-from gradwatch.studies import run_study
+from gradwatch.studies import run
 from gradwatch.studies import sequences as study
 from gradwatch.train import train
 
@@ -25,7 +25,7 @@ def _cells(losses: dict[tuple[str, int], float], seeds: int = 3) -> list[Run]:
 
 
 def test_tiny_budget_yields_the_table_and_both_figures(tmp_store):
-    result = run_study("sequences", tmp_store, workers=1, quick=True)
+    result = run("sequences", tmp_store, workers=1, quick=True)
     assert {(r["task"], r["cell"]) for r in result.rows} == {(t, k) for t in study.TASKS for k in study.KINDS}
     assert {"T=4", "learns_up_to", "stops_at"} <= set(result.rows[0])
     assert [stem for _, _, stem in result.figures] == ["sequence_lengths", "temporal_flow"]
@@ -90,5 +90,5 @@ def test_trace_at_init_ends_at_the_output_layers_gradient():
 @pytest.mark.slow
 def test_real_budget_lstm_learns_adding_where_the_rnn_does_not(tmp_store):
     """The acceptance claim at the study's own budget (minutes on 2 cores; `pytest -m slow`)."""
-    result = run_study("sequences", tmp_store)
+    result = run("sequences", tmp_store)
     assert "the LSTM learns the adding problem at T=" in result.conclusion

@@ -12,7 +12,7 @@ from gradwatch.studies import (
     module,
     output_activation,
     relu_he,
-    run_study,
+    run,
     width_vs_depth,
 )
 from gradwatch.studies.all import write_page
@@ -40,7 +40,7 @@ def results(tmp_path_factory):
     from gradwatch.store import Store
 
     store = Store(tmp_path_factory.mktemp("studies") / "runs.db")
-    return {name: run_study(name, store, workers=1, quick=True) for name in COLUMNS}, store
+    return {name: run(name, store, workers=1, quick=True) for name in COLUMNS}, store
 
 
 @pytest.mark.parametrize("name", sorted(COLUMNS))
@@ -54,7 +54,7 @@ def test_study_runs_on_a_tiny_budget_and_yields_its_table(results, name):
 def test_rerun_reuses_stored_runs(results):
     _, store = results
     before = len(store.runs())
-    run_study("relu-he", store, workers=1, quick=True)
+    run("relu-he", store, workers=1, quick=True)
     assert len(store.runs()) == before
 
 

@@ -1,6 +1,5 @@
 """Sweeps: a study file validated whole before any run, every run stored once however the sweep is stopped."""
 
-import math
 import random
 import signal
 import sqlite3
@@ -16,7 +15,6 @@ from typer.testing import CliRunner
 from gradwatch import sweep
 from gradwatch.cli import app
 from gradwatch.spec import Spec, SpecError
-from gradwatch.store import Store
 from gradwatch.train import train
 
 TINY = {"data": {"n_samples": 48}, "model": {"depth": 2, "width": 4}, "train": {"epochs": 2, "batch_size": 16}}
@@ -96,12 +94,14 @@ def test_jobs_are_grouped_into_ensembles_by_shape():
 def test_sweep_stores_each_run_once_and_a_rerun_adds_nothing(tmp_path, tmp_store):
     study = sweep.load_study(write(tmp_path / "s.yaml", STUDY))
     ticks = []
-    fresh = sweep.run_study(study, tmp_store, on_progress=lambda done, total, rate: ticks.append((done, total)))
-    assert ticks[-1] == (6, 6) and len(fresh) == 6
+    outcome = sweep.run_study(study, tmp_store, on_progress=lambda done, total, reused, rate: ticks.append(
+        (done, total, reused)))
+    assert ticks[-1] == (6, 6, 0) and len(outcome.fresh) == 6 and outcome.reused == 0
     assert sorted(keys(tmp_store.path)) == sorted(spec.key() for *_, spec in study.jobs)
     assert {(r["name"], r["group"]) for r in tmp_store.runs()} == {("activation=sigmoid", "tiny"),
                                                                     ("activation=relu", "tiny")}
-    assert sweep.run_study(study, tmp_store) == [] and len(keys(tmp_store.path)) == 6
+    again = sweep.run_study(study, tmp_store)
+    assert (again.fresh, again.reused) == ([], 6) and len(keys(tmp_store.path)) == 6
     rows = sweep.summarize(study, tmp_store)
     assert [(r["activation"], r["runs"]) for r in rows] == [("sigmoid", 3), ("relu", 3)]
     mine = [r["summary"]["final_loss"] for r in tmp_store.runs() if r["name"] == "activation=relu"]
@@ -144,32 +144,71 @@ def test_ctrl_c_mid_sweep_loses_no_run(tmp_path):
     assert code == 130 and 0 < stored < 32
 
 
-@pytest.mark.ray
-def test_ray_backend_stores_what_the_local_backend_stores(tmp_path):
-    ray = pytest.importorskip("ray")
-    study = sweep.load_study(write(tmp_path / "s.yaml", {**STUDY, "chunk": 2}))
-    local, remote = Store(tmp_path / "local.db"), Store(tmp_path / "ray.db")
-    sweep.run_study(study, local)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        sweep.run_study(study, remote, backend="ray")
-    finally:
-        ray.shutdown()
-    ours, theirs = ({r["key"]: r for r in store.runs()} for store in (local, remote))
-    assert ours.keys() == theirs.keys() and len(ours) == 6
-    for key, run in ours.items():
-        assert (run["name"], run["group"], run["status"], run["spec"]) == (
-            theirs[key]["name"], theirs[key]["group"], theirs[key]["status"], theirs[key]["spec"])
-        for field, value in run["summary"].items():
-            if isinstance(value, float):
-                assert math.isclose(value, theirs[key]["summary"][field], rel_tol=1e-6, abs_tol=1e-9), field
-        mine, other = local.get(run["id"]).records.rows, remote.get(theirs[key]["id"]).records.rows
-        assert [r[:4] for r in mine] == [r[:4] for r in other]
-        assert all(math.isclose(a[4], b[4], rel_tol=1e-6, abs_tol=1e-9) or a[4] != a[4]
-                   for a, b in zip(mine, other, strict=True))
+def test_cli_prints_the_grid_size_and_a_rerun_says_every_run_was_reused(tmp_path):
+    path, db = write(tmp_path / "s.yaml", STUDY), str(tmp_path / "r.db")
+    first = CliRunner().invoke(app, ["sweep", str(path), "--store", db, "--out", str(tmp_path / "rep")])
+    assert first.exit_code == 0, first.output
+    assert first.output.startswith("sweep tiny: 6 runs in 2 cases\n")
+    assert "6 trained, 0 reused from the store." in first.output
+    again = CliRunner().invoke(app, ["sweep", str(path), "--store", db, "--out", str(tmp_path / "rep")])
+    assert "tiny: 6 reused" in again.output and "0 trained, 6 reused from the store." in again.output
+    assert len(keys(db)) == 6
+
+
+def test_grid_over_the_limit_is_refused_with_its_count_before_any_spec_is_built(tmp_path, monkeypatch):
+    huge = {**STUDY, "grid": {"model.width": list(range(1, 101)), "train.seed": list(range(101))}}
+    path, db = write(tmp_path / "huge.yaml", huge), tmp_path / "r.db"
+    monkeypatch.setattr(Spec, "replace", lambda *a, **k: pytest.fail("a spec was built"))
+    out = subprocess.run([sys.executable, "-m", "gradwatch", "sweep", str(path), "--store", str(db)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and not db.exists()
+    assert out.stderr.strip() == "error: grid: 10,100 runs; allowed: at most 10,000 (pass --yes to run them anyway)"
+    with pytest.raises(SpecError, match="grid: 10,100 runs"):
+        sweep.load_study(path)
+
+
+def test_yes_lifts_the_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "MAX_RUNS", 5)
+    path, db = write(tmp_path / "s.yaml", STUDY), str(tmp_path / "r.db")
+    refused = CliRunner().invoke(app, ["sweep", str(path), "--store", db])
+    assert isinstance(refused.exception, SpecError) and str(refused.exception).startswith("grid: 6 runs;")
+    ran = CliRunner().invoke(app, ["sweep", str(path), "--store", db, "--yes", "--out", str(tmp_path / "rep")])
+    assert ran.exit_code == 0 and len(keys(db)) == 6
+
+
+def test_study_bigger_than_the_machine_is_refused_in_one_line_and_nothing_written(tmp_path):
+    big = {**STUDY, "base": {**TINY, "model": {"depth": 64, "width": 4096}}}
+    parameters = 3 * 4096 + 63 * 4097 * 4096 + 4097  # 2 inputs (+ bias), 63 square layers, 1 output
+    path, db = write(tmp_path / "big.yaml", big), tmp_path / "r.db"
+    out = subprocess.run([sys.executable, "-m", "gradwatch", "sweep", str(path), "--store", str(db)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and not db.exists() and len(out.stderr.strip().splitlines()) == 1
+    assert out.stderr.startswith("error: memory: the sweep needs about ")
+    assert f"ensembles of up to 6 nets of {parameters:,} parameters" in out.stderr
+    assert "allowed: a smaller chunk" in out.stderr
+
+
+def test_reused_runs_are_labelled_into_the_asking_sweep(tmp_path, tmp_store):
+    first = sweep.load_study(write(tmp_path / "first.yaml", STUDY))
+    sweep.run_study(first, tmp_store)
+    wider = {**STUDY, "name": "wider", "grid": {**STUDY["grid"], "model.depth": [2, 3]}}  # depth 2 is TINY's
+    second = sweep.load_study(write(tmp_path / "second.yaml", wider))
+    ticks = []
+    outcome = sweep.run_study(second, tmp_store, on_progress=lambda *tick: ticks.append(tick[:3]))
+    assert ticks[0] == (0, 6, 6) and outcome.reused == 6 and len(outcome.fresh) == 6
+    assert len(keys(tmp_store.path)) == 12  # nothing stored twice
+    mine = tmp_store.runs("wider")
+    assert sorted((r["name"], r["key"]) for r in mine) == sorted((n, s.key()) for n, _, s in second.jobs)
+    assert {r["group"] for r in mine} == {"wider"}
+    assert len(tmp_store.runs("tiny")) == 6 and {r["name"] for r in tmp_store.runs("tiny")} == {
+        "activation=sigmoid", "activation=relu"}  # the first sweep keeps its runs and names
+    listed = CliRunner().invoke(app, ["runs", "--group", "wider", "--store", str(tmp_store.path)])
+    assert "12 run(s)" in listed.output
+    assert sweep.run_study(second, tmp_store).reused == 12 and len(keys(tmp_store.path)) == 12
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_example_studies_load(path):
     study = sweep.load_study(path)
     assert study.jobs and len({spec.key() for *_, spec in study.jobs}) == len(study.jobs)
+    sweep.check_memory(study, processes=2)  # no false alarm on what we ship

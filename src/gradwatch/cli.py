@@ -259,7 +259,7 @@ def study(
     store: Path = STORE,
 ) -> None:
     """Run a built-in study (or all of them): tables, conclusions computed from data, an HTML report."""
-    from gradwatch.studies import QUICK, STUDIES, run_study
+    from gradwatch.studies import QUICK, STUDIES, run
     from gradwatch.studies.all import run_all, write_page
 
     if name != "all" and name not in STUDIES:
@@ -274,7 +274,7 @@ def study(
         if name == "all":
             results, page = run_all(db, out, workers, quick, tick)
         else:
-            results, page = [run_study(name, db, workers, quick, tick)], None
+            results, page = [run(name, db, workers, quick, tick)], None
     for result in results:
         print_rows(result.title + (" (quick)" if quick else ""), result.rows)
         console.print(result.conclusion, markup=False)
@@ -292,6 +292,7 @@ def sweep(
     backend: Literal["local", "ray"] = typer.Option("local", help="train here, or send ensembles to Ray"),
     address: str = typer.Option(None, help="Ray cluster address (default: start a local Ray)"),
     workers: int = typer.Option(1, min=1, help="local worker processes, one ensemble each at a time"),
+    yes: bool = typer.Option(False, "--yes", help="run a grid of any size (else over 10,000 runs is refused)"),
     out: Path = OUT,
     store: Path = STORE,
 ) -> None:
@@ -299,15 +300,17 @@ def sweep(
     from gradwatch import sweep as sw
     from gradwatch.report.html import write_report
 
-    plan = sw.load_study(study_file)  # validated whole before the store is opened or any run starts
+    plan = sw.load_study(study_file, limit=None if yes else sw.MAX_RUNS)  # validated whole, before any store opens
+    console.print(sw.preflight(plan, workers, backend), highlight=False)  # the grid's size, or refused: too big
     db, out = _store(store, write=True), out_dir(out, f"sweep-{plan.name}")
     with progress() as bar:
         task = bar.add_task(f"sweep {plan.name}", total=None, rate="")
-        tick = lambda done, total, rate: bar.update(task, completed=done, total=total, rate=f"{rate:.1f} runs/s")  # noqa: E731
-        fresh = sw.run_study(plan, db, backend, address, workers, tick)
+        tick = lambda done, total, reused, rate: bar.update(  # noqa: E731
+            task, completed=done, total=total, rate=f"{rate:.1f} runs/s", description=f"{plan.name}: {reused:,} reused")
+        outcome = sw.run_study(plan, db, backend, address, workers, tick)
     print_rows(f"{plan.name}: medians over seeds", sw.summarize(plan, db))
-    page = write_report(sw.report_runs(plan, db, fresh), out, title=f"gradwatch sweep: {plan.name}")
-    console.print(f"report: open {page.resolve()} in a browser; all runs: gradwatch report --group '{plan.name}'")
+    page = write_report(sw.report_runs(plan, db, outcome.fresh), out, title=f"gradwatch sweep: {plan.name}")
+    console.print(f"{outcome}. report: {page.resolve()}; all runs: gradwatch report --group '{plan.name}'")
 
 
 def _print_run(run, findings) -> None:

@@ -2,7 +2,9 @@
 
 Each run (spec, records, summary) is written in ONE transaction, in WAL mode, so a process killed
 at any moment leaves every finished run intact and no half-written one; that is what lets a sweep
-resume by skipping the keys already stored. The store only ever adds runs.
+resume by skipping the keys already stored. The store only ever adds runs, and labels: a stored run
+that a later sweep reuses is labelled into that sweep's group under its case name, so each group
+lists every run it asked for while the run keeps its first name and group.
 
 A sweep can leave 100,000 runs behind, so listing must not read what only one run's report needs:
 a summary's arrays (the decision-boundary grid, the first layer's weights; ~54 KB of JSON a run, a
@@ -38,6 +40,8 @@ CREATE TABLE IF NOT EXISTS arrays (run TEXT PRIMARY KEY REFERENCES runs(id), sum
 CREATE TABLE IF NOT EXISTS records (
     run TEXT REFERENCES runs(id), step INTEGER, epoch INTEGER, layer TEXT, stat TEXT, value REAL);
 CREATE INDEX IF NOT EXISTS records_run ON records(run);
+CREATE TABLE IF NOT EXISTS labels (run TEXT REFERENCES runs(id), grp TEXT, name TEXT, PRIMARY KEY (run, grp));
+CREATE INDEX IF NOT EXISTS labels_group ON labels(grp);
 """
 
 
@@ -139,12 +143,20 @@ class Store:
         """Run headers (id, key, name, group, status, created, spec, scalar summary), oldest first.
 
         ``limit``/``offset`` read one page through the ``created`` index; the summaries' arrays stay unread.
+        With ``group``: its own runs and those labelled into it, under the group's name for them.
         """
         where, args = _where(group)
         order = "DESC" if newest_first else ""
-        sql = (f"SELECT id, key, name, grp, status, created, spec, summary FROM runs{where} "
-               f"ORDER BY created {order}, rowid {order} LIMIT ? OFFSET ?")
-        return [_head(row) for row in self._db.execute(sql, (*args, -1 if limit is None else limit, offset))]
+        label = "(SELECT l.name FROM labels l WHERE l.run = runs.id AND l.grp = ?)"
+        sql = (f"SELECT id, key, COALESCE({label}, name), COALESCE(?, grp), status, created, spec, summary "
+               f"FROM runs{where} ORDER BY created {order}, rowid {order} LIMIT ? OFFSET ?")
+        return [_head(row) for row in self._db.execute(sql, (group, group, *args, -1 if limit is None else limit,
+                                                             offset))]
+
+    def label(self, labels: list[tuple[str, str, str]]) -> None:
+        """Label stored runs into other groups: ``(run id, group, name)`` each, in one transaction."""
+        with self._transaction():
+            self._db.executemany("INSERT OR REPLACE INTO labels VALUES (?, ?, ?)", labels)
 
     def resolve(self, ref: str) -> str:
         """A run id from an id, a unique id prefix, or a run name (the newest run of that name)."""
@@ -181,7 +193,9 @@ class Store:
 
 
 def _where(group: str | None) -> tuple[str, tuple]:
-    return ("", ()) if group is None else (" WHERE grp = ?", (group,))
+    if group is None:
+        return "", ()
+    return " WHERE grp = ? OR id IN (SELECT run FROM labels WHERE grp = ?)", (group, group)
 
 
 def _head(row: tuple) -> dict:

@@ -4,9 +4,9 @@ A study is a module with ``TITLE``, ``next_jobs(runs) -> [(name, group, spec)]``
 returns nothing, so a study can stage its runs, e.g. stop deepening a remedy once it fails) and
 ``summarize(runs) -> Result``, and optionally ``CADENCE``, the sweep's record cadences (``thin``,
 ``evaluate_every``, ``every``) for a study of thousands of runs that reads only their summaries.
-Studies hold no training code: ``run_study`` trains their jobs through the sweep's ``run_many``
-(same-shape MLPs as one stacked ensemble), stores each Run as it finishes, and reuses stored runs on
-a re-run.
+Studies hold no training code: ``run`` hands each stage's jobs to the sweep engine as a
+``sweep.Study``, the same ``sweep.run_study`` that runs a user's study file (same-shape MLPs as one
+stacked ensemble, each Run stored as it finishes, stored runs reused on a re-run).
 """
 
 from __future__ import annotations
@@ -63,32 +63,28 @@ def module(name: str):
     return import_module(f"gradwatch.studies.{STUDIES[name]}")
 
 
-def run_study(name: str, store: Store, workers: int | None = None, quick: bool = False,
-              on_run: Callable[[Run], None] | None = None) -> Result:
+def run(name: str, store: Store, workers: int | None = None, quick: bool = False,
+        on_run: Callable[[Run], None] | None = None) -> Result:
     """Train (or reuse from ``store``) every run of study ``name`` and summarize them.
 
     ``quick`` shrinks every budget (fewer epochs, seeds and sizes) so tests can run the machinery.
+    Each stage's runs reach ``summarize`` in the order one process trains them (ensemble by ensemble,
+    ``sweep.chunks``), however many processes trained them and whether or not they were stored already.
     """
     study, group = module(name), f"study:{name}" + (":quick" if quick else "")
-    stored = {head["key"]: head["id"] for head in store.runs(group)}
     runs: list[Run] = []
+    stage: dict[str, Run] = {}  # this stage's runs by key
+
+    def keep(run: Run) -> None:
+        stage[run.key] = run
+        if on_run:
+            on_run(run)
+
     while jobs := [(n, group, spec) for n, _, spec in study.next_jobs(runs, quick)]:
-        fresh = []
-        for job in jobs:
-            if job[2].key() in stored:
-                runs.append(store.get(stored[job[2].key()]))
-            else:
-                fresh.append(job)
-
-        def done(run: Run) -> None:
-            run.records = run.records.thin(THIN)
-            store.put_run(run)
-            runs.append(run)
-            if on_run:
-                on_run(run)
-
-        sweep.run_many(fresh, done, processes=workers or sweep.workers(),  # MLPs of one shape train stacked
-                       **getattr(study, "CADENCE", {}))
+        stage.clear()
+        plan = sweep.Study(group, jobs, **{"thin": THIN, "evaluate_every": 1, **getattr(study, "CADENCE", {})})
+        sweep.run_study(plan, store, processes=workers or sweep.workers(), on_run=keep)
+        runs += [stage[spec.key()] for part in sweep.chunks(jobs, plan.chunk) for *_, spec in part]
     result = study.summarize(runs)
     if quick:  # the console and every page print the conclusion: a quick one must not read as a finding
         result.conclusion = f"{QUICK}. {result.conclusion}"

@@ -9,7 +9,7 @@ from gradwatch import sweep
 from gradwatch.records import Run
 from gradwatch.report.html import Page
 from gradwatch.store import Store
-from gradwatch.studies import STUDIES, Result, demo, module, run_study
+from gradwatch.studies import STUDIES, Result, demo, module, run
 
 
 def write_page(results: list[Result], out_dir: Path, demo_runs: list[Run] = ()) -> Path:
@@ -55,12 +55,12 @@ def run_all(store: Store, out_dir: Path, workers: int | None = None, quick: bool
     demo_runs: list[Run] = []
 
     def keep(run: Run) -> None:
-        store.put_run(run)
         demo_runs.append(run)
         if on_run:
             on_run(run)
 
-    sweep.run_many(demo.jobs(epochs=3 if quick else None, seeds=(0,) if quick else demo.SEEDS), keep,
-                   processes=workers or sweep.workers())
-    results = [run_study(name, store, workers, quick, on_run) for name in STUDIES]
+    cases = demo.jobs(epochs=3 if quick else None, seeds=(0,) if quick else demo.SEEDS)
+    sweep.run_study(sweep.Study("demo", cases, thin=1, evaluate_every=1), store,
+                    processes=workers or sweep.workers(), on_run=keep)
+    results = [run(name, store, workers, quick, on_run) for name in STUDIES]
     return results, write_page(results, out_dir, demo_runs)
