@@ -10,17 +10,11 @@ from __future__ import annotations
 import math
 import statistics
 
-from gradwatch.records import Records
+from gradwatch.records import Records, finite_median
 
 # statistics whose NaN/Inf means the training itself broke; a derived ratio (percent change of a
 # zero weight) may be NaN in a healthy run and is not one of them
 RAW = ("loss", "nonfinite", "grad_norm", "grad_max_abs", "weight_norm", "backprop_norm", "act_rms")
-
-
-def median(values: list[float]) -> float:
-    """The median of the finite values; NaN when there are none."""
-    finite = [v for v in values if math.isfinite(v)]
-    return statistics.median(finite) if finite else math.nan
 
 
 class Evidence:
@@ -40,7 +34,7 @@ class Evidence:
 
     def medians(self, stat: str) -> dict[str, float]:
         """layer -> median of its finite values of ``stat`` (layers with none are left out)."""
-        out = {layer: median(self.values(stat, layer)) for layer in self.layers(stat)}
+        out = {layer: finite_median(self.values(stat, layer)) for layer in self.layers(stat)}
         return {layer: v for layer, v in out.items() if math.isfinite(v)}
 
     def ratios(self, stat: str) -> dict[str, float]:

@@ -13,7 +13,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gradwatch.diagnose.evidence import Evidence, median
+from gradwatch.diagnose.evidence import Evidence
+from gradwatch.records import finite_median
 
 # name -> (value, precedent; departure)
 THRESHOLDS: dict[str, tuple[float, str]] = {
@@ -192,10 +193,10 @@ def _late_growth(ev: Evidence) -> float:
     if len(norms) < 8 or len(loss) < 4:
         return 1.0
     quarter, lq = len(norms) // 4, len(loss) // 4
-    if median(loss[-lq:]) < median(loss[-2 * lq : -lq]):
+    if finite_median(loss[-lq:]) < finite_median(loss[-2 * lq : -lq]):
         return 1.0
-    before = median(norms[-2 * quarter : -quarter])
-    return median(norms[-quarter:]) / before if before > 0 else 1.0
+    before = finite_median(norms[-2 * quarter : -quarter])
+    return finite_median(norms[-quarter:]) / before if before > 0 else 1.0
 
 
 def exploding(ev: Evidence) -> Result:
