@@ -57,7 +57,7 @@ def ratio_note(runs: list[Run]) -> str:
     if not finite:
         return text
     name = min(finite, key=finite.get)
-    mine = cases[name]
+    mine = sorted(cases[name], key=lambda r: r.spec.get("train", {}).get("seed", 0))  # listed seed 0 first
     seeds = {_seed(r): m.ratio([r]) for r in mine}
     text += (f" {name}'s is {init[name]:.3g} at initialisation" + (f" (its seeds': {_listing(seeds)})" if len(mine) > 1
              else "") + f" and {m.ratio(mine, 'late'):.3g} late in training.")
