@@ -240,15 +240,13 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to bind (127.0.0.1
 
 
 def print_findings(findings, run=None) -> None:
-    """Findings in plain words (printed as text: their brackets and numbers are not rich markup), then the
-    run's first/last ratio at initialisation, labelled, where a finding quotes a first/last ratio of its own."""
+    """Findings in plain words (text, not rich markup), then the run's own ratio at init where a finding quotes one."""
     lines = [str(f) for f in findings] or ["no findings: gradients look healthy"]
     ratio = (run.summary.get("grad_ratio_first_last") if run else None) or math.nan
     if math.isfinite(ratio) and any("grad_ratio_first_last" in f.evidence for f in findings):
-        seed = run.spec.get("train", {}).get("seed", "?")
         lines.append(f"(a finding's first/last ratio is a median over the whole run. At initialisation this run "
-                     f"(train.seed {seed}) has {ratio:.3g}: its grad_ratio_first_last, the ratio tables and reports "
-                     "print, there as the median over a case's seeds)")
+                     f"(train.seed {run.spec.get('train', {}).get('seed', '?')}) has {ratio:.3g}: its grad_ratio_"
+                     "first_last, the ratio tables and reports print, there as the median over a case's seeds)")
     console.print("\n".join(lines), markup=False, highlight=False)
 
 
