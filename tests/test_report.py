@@ -1,19 +1,24 @@
 """The report draws every picture from Records alone, writes one offline page, and its words follow the data."""
 
 import dataclasses
+import html
 import io
 import re
+import statistics
+import struct
 
 import pytest
 from matplotlib.figure import Figure
 from typer.testing import CliRunner
 
 from gradwatch.cli import app
+from gradwatch.diagnose import diagnose
 from gradwatch.records import Records, Run, first_over_last
 from gradwatch.report import measures, show, write_demo_report, write_report
-from gradwatch.report.captions import ADAM_WHY, CAPTIONS, TARGET_LOSS, remedy
-from gradwatch.report.figures import FIGURES
-from gradwatch.report.html import BASE_CASE, LADDER, SEED_CASES
+from gradwatch.report.captions import ADAM_WHY, CAPTIONS, TARGET_LOSS, ratio_note, remedy, why
+from gradwatch.report.figures import FIGURES, TICKS
+from gradwatch.report.html import BASE_CASE, LADDER, SEED_CASES, WIDTH
+from gradwatch.spec import Spec
 from gradwatch.studies import demo
 from gradwatch.train import train
 
@@ -23,6 +28,13 @@ def runs():
     """Every demo case, 3 hidden layers at most, 3 epochs, 2 seeds: the seed's story in miniature."""
     return [train(spec.replace(**{"model.depth": min(spec.model.depth, 3)}), name=name, group=group)
             for name, group, spec in demo.jobs(epochs=3, seeds=(0, 1))]
+
+
+@pytest.fixture(scope="module")
+def deep_sigmoid():
+    """The seed's 10-layer sigmoid net, 3 epochs, 2 seeds: a vanishing gradient the diagnosis names too."""
+    return [train(Spec().replace(**{"train.epochs": 3, "train.seed": seed}), name="deep_sigmoid", group="demo")
+            for seed in (0, 1)]
 
 
 def _case(runs, name):
@@ -67,7 +79,7 @@ def test_gradient_flow_caption_quotes_the_recorded_ratio():
     records.add(0, 0, "loss", {"": 0.69})
     run = Run(records=records, name="built_to_vanish")
     assert first_over_last(measures.profile([run], "grad_norm", "init")) == pytest.approx(1e-6)
-    assert "built_to_vanish 1.0e-06" in CAPTIONS["gradient_flow"]([run])
+    assert "built_to_vanish 1e-06" in CAPTIONS["gradient_flow"]([run])
 
 
 def test_late_profile_is_the_median_of_the_last_tenth_of_steps():
@@ -125,8 +137,8 @@ def test_generic_report_and_notebook_view(runs, tmp_path):
     mine = _case(runs, "deep_relu")
     page = write_report(mine, tmp_path, title="two seeds").read_text()
     assert "<title>two seeds</title>" in page and mine[0].id in page
-    html = show(mine[0])._repr_html_()
-    assert html.count("data:image/png;base64,") == 4 and "deep_relu" in html
+    view = show(mine[0])._repr_html_()
+    assert view.count("data:image/png;base64,") == 4 and "deep_relu" in view
 
 
 def test_cli_report_writes_the_page_of_stored_runs(runs, tmp_store, tmp_path):
@@ -181,3 +193,125 @@ def test_every_statistic_is_drawn_by_a_figure_or_deliberately_not(runs, monkeypa
             figure(mine)
     drawn = {stat for stat in STATS if stat in asked}
     assert drawn | set(NOT_DRAWN) == set(STATS) and not drawn & set(NOT_DRAWN), (drawn, set(NOT_DRAWN))
+
+
+def _png_width(path) -> int:
+    return struct.unpack(">I", path.read_bytes()[16:20])[0]  # the IHDR chunk's width
+
+
+def test_one_first_last_ratio_in_the_table_the_captions_and_the_note(runs, deep_sigmoid, tmp_path):
+    """The table's grad_ratio_first_last (median over seeds) is the number every caption and the note print."""
+    everything = [r for r in runs if r.name != "deep_sigmoid"] + deep_sigmoid  # the 10-layer net, not 3 layers
+    rows = {row["name"]: row for row in demo.summarize(everything)}
+    flow = CAPTIONS["gradient_flow"](everything)
+    for name, mine in measures.by_case(everything).items():
+        table = statistics.median(r.summary["grad_ratio_first_last"] for r in mine)
+        assert measures.ratio(mine) == pytest.approx(table, rel=1e-12)
+        assert rows[name]["grad_ratio_first_last"] == pytest.approx(table, rel=1e-12)
+        assert f"{name} {table:.3g} -> " in flow, name
+    page = write_demo_report(everything, list(rows.values()), tmp_path).read_text()
+    ratio = rows["deep_sigmoid"]["grad_ratio_first_last"]
+    assert f'<td class="num">{ratio:.3g}</td>' in page
+    assert f"deep_sigmoid's is {ratio:.3g} at initialisation" in html.unescape(page)
+    assert page.count("The first/last ratio, wherever this page gives one") == 1
+
+
+def test_the_note_gives_the_diagnosis_own_ratio_for_each_seed(deep_sigmoid):
+    note = ratio_note(deep_sigmoid)
+    said = {r.spec["train"]["seed"]: next(f.evidence["grad_ratio_first_last"] for f in diagnose(r.records)
+                                          if "grad_ratio_first_last" in f.evidence) for r in deep_sigmoid}
+    assert "gradwatch diagnose" in note and "median over the whole run" in note
+    for seed, value in said.items():
+        assert f"seed {seed} {value:.2g}" in note
+
+
+def test_cli_diagnose_labels_which_ratio_it_prints(deep_sigmoid, tmp_store):
+    run = deep_sigmoid[0]
+    tmp_store.put_run(run)
+    out = CliRunner().invoke(app, ["diagnose", run.id, "--store", str(tmp_store.path)])
+    assert out.exit_code == 0, out.output
+    text = " ".join(out.stdout.split())  # rich wraps long lines
+    assert f"{run.summary['grad_ratio_first_last']:.3g}: its grad_ratio_first_last" in text
+    assert "median over the whole run" in text
+
+
+def _scalar_run(losses, first=1e-7, optimizer="sgd", moved=0.0, name="built"):
+    """A run built from its records: a loss per epoch, the first/last weight gradient, two weight traces."""
+    records = Records()
+    records.add(0, 0, "grad_norm", {"dense1": first, "out": 1.0})
+    records.add(0, 0, "weight_grad_norm", {"dense1": first, "out": 1.0})
+    for epoch, loss in enumerate(losses):
+        records.add(epoch * 10, epoch, "loss", {"": loss})
+        records.add(epoch * 10, epoch, "weight_trace", {"dense1": 0.5 + moved * epoch / len(losses), "out": -0.2})
+    return Run(records=records, name=name, spec={"train": {"optimizer": optimizer}})
+
+
+def test_a_converged_run_is_not_called_slow():
+    falling = [0.5 * 0.9**e for e in range(60)]  # still falling 1% an epoch, but long past the target
+    assert falling[-1] < 1e-3
+    text = why([_scalar_run(falling, first=0.5)])
+    assert "slow rather than stuck" not in text and "it trains" in text
+    slow = why([_scalar_run([0.69 - 0.003 * e for e in range(60)], first=0.5)])  # above the target, falling
+    assert "slow rather than stuck" in slow
+
+
+def test_weight_traces_speak_of_a_vanishing_gradient_only_where_it_vanishes():
+    healthy = CAPTIONS["weight_traces"]([_scalar_run([0.3] * 5, first=0.5, name="healthy")])
+    assert "picture of a vanishing gradient" not in healthy and "barely moving although the gradient reaches" in healthy
+    starved = CAPTIONS["weight_traces"]([_scalar_run([0.69] * 5, first=1e-7, name="starved")])
+    assert "starved (first/last ratio 1e-07): a flat line, the seed's picture of a vanishing gradient" in starved
+
+
+def test_boundary_caption_quotes_the_table_accuracy_and_says_which_seed_is_drawn(runs):
+    residual = _case(runs, "residual")
+    # the lower-loss seed (drawn: the median-loss one of two) scores 0.9, the other 0.86: the table says 0.88
+    mine = [dataclasses.replace(residual[0], summary={**residual[0].summary, "final_loss": 0.1, "accuracy": 0.9}),
+            dataclasses.replace(residual[1], summary={**residual[1].summary, "final_loss": 0.2, "accuracy": 0.86})]
+    table = demo.summarize(mine)[0]["accuracy"]
+    text = CAPTIONS["boundaries"](mine)
+    assert table == pytest.approx(0.88) and "residual 0.88" in text and "residual (it scores 0.9)" in text
+
+
+def test_the_all_runs_report_draws_every_case_with_wide_pngs(runs, tmp_path):
+    renamed = [dataclasses.replace(r, name=r.name.replace("_", "/", 1)) for r in runs]  # adding/rnn-style names
+    page = write_report(renamed, tmp_path).read_text()
+    cases = measures.by_case(renamed)
+    health = sorted(tmp_path.glob("fig*_layer_health_*.png"))
+    assert len(health) == len(cases) > 6
+    assert {p.name.split("layer_health_")[1] for p in health} == {n.replace("/", "_") + ".png" for n in cases}
+    assert [p for p in tmp_path.iterdir() if p.is_dir()] == []
+    assert 'alt="layer_health_deep/sigmoid"' in page
+    assert all(_png_width(p) >= WIDTH for p in tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("name", list(FIGURES))
+def test_every_tick_label_is_legible(runs, name):
+    fig = FIGURES[name](_case(runs, "residual") if name == "layer_health" else runs)
+    sizes = [t.get_fontsize() for ax in fig.axes if ax.get_visible()
+             for t in ax.get_xticklabels() + ax.get_yticklabels() if t.get_text()]
+    assert min(sizes, default=TICKS) >= TICKS and (sizes or name == "boundaries")  # boundaries: no ticks at all
+
+
+def test_every_layer_health_figure_has_the_same_axes(runs):
+    scales = {name: [ax.get_yscale() for ax in FIGURES["layer_health"](mine).axes[:4]]
+              for name, mine in measures.by_case(runs).items()}
+    assert set(map(tuple, scales.values())) == {("log", "log", "log", "linear")}, scales
+
+
+def test_lines_that_coincide_in_the_gradient_flow_stay_distinguishable(runs):
+    # at 3 layers the shallow net is the deep one too; the SGD cases are the Adam cases' nets
+    assert measures.coinciding(measures.by_case(runs), "init") == {
+        "shallow_sigmoid": "deep_sigmoid", "deep_sigmoid_sgd": "deep_sigmoid", "deep_relu_sgd": "deep_relu"}
+    first = FIGURES["gradient_flow"](runs).axes[0]
+    lines = {line.get_label(): line for line in first.lines}
+    under, over = lines["deep_sigmoid"], lines["deep_sigmoid_sgd"]
+    assert (under.get_marker(), under.get_linestyle()) != (over.get_marker(), over.get_linestyle())
+    assert over.get_markerfacecolor() == "none" and over.get_markersize() > under.get_markersize()
+    assert "deep_sigmoid = deep_sigmoid_sgd" in [t.get_text() for t in first.texts]
+    assert "deep_sigmoid_sgd lies exactly on deep_sigmoid" in CAPTIONS["gradient_flow"](runs)
+
+
+def test_weight_traces_have_a_legend_naming_the_layers(runs):
+    fig = FIGURES["weight_traces"](runs)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == list(measures.traces(runs[0]))

@@ -8,7 +8,7 @@ matplotlib take seconds), so ``gradwatch --help`` and a mistyped flag answer at 
 from __future__ import annotations
 
 import json
-import re
+import math
 import sys
 import time
 from pathlib import Path
@@ -45,14 +45,11 @@ def _store(path: Path | None, write: bool = False):
     return store
 
 
-def folder(name: str) -> str:
-    """``name`` as one safe path part (a sweep called ``a/b`` writes ``sweep-a_b``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "unnamed"
-
-
 def out_dir(out: Path | None, default: str) -> Path:
     """The report folder, made now: a bad --out is refused before any training, not after."""
-    path = out or REPORTS / folder(default)
+    from gradwatch.spec import file_part
+
+    path = out or REPORTS / file_part(default)  # a sweep called ``a/b`` writes ``sweep-a_b``
     if path.exists() and not path.is_dir():
         refuse(f"--out: got {str(path)!r} (an existing file); allowed: a folder, new or existing")
     try:
@@ -182,8 +179,8 @@ def diagnose_cmd(run: str = typer.Argument(..., help="run id, id prefix or name"
     """Diagnose a stored run in plain language."""
     from gradwatch.diagnose import diagnose
 
-    findings = diagnose(_store(store).get(run).records)
-    print_findings(findings)
+    stored = _store(store).get(run)
+    print_findings(diagnose(stored.records), stored)
 
 
 @app.command("doctor")
@@ -242,10 +239,15 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to bind (127.0.0.1
     uvicorn.run("gradwatch.web.app:create_app", factory=True, host=host, port=port, log_level="warning")
 
 
-def print_findings(findings) -> None:
-    """Findings in plain words (printed as text: their brackets and numbers are not rich markup)."""
-    console.print("\n".join(map(str, findings)) or "no findings: gradients look healthy", markup=False,
-                  highlight=False)
+def print_findings(findings, run=None) -> None:
+    """Findings in plain words (text, not rich markup), then the run's own ratio at init where a finding quotes one."""
+    lines = [str(f) for f in findings] or ["no findings: gradients look healthy"]
+    ratio = (run.summary.get("grad_ratio_first_last") if run else None) or math.nan
+    if math.isfinite(ratio) and any("grad_ratio_first_last" in f.evidence for f in findings):
+        lines.append(f"(a finding's first/last ratio is a median over the whole run. At initialisation this run "
+                     f"(train.seed {run.spec.get('train', {}).get('seed', '?')}) has {ratio:.3g}: its grad_ratio_"
+                     "first_last, the ratio tables and reports print, there as the median over a case's seeds)")
+    console.print("\n".join(lines), markup=False, highlight=False)
 
 
 @app.command()
@@ -323,7 +325,7 @@ def _print_run(run, findings) -> None:
     if first:
         print_rows("gradient norm per layer at the first step",
                    [{"layer": k, "grad_norm": v} for k, v in first.items()])
-    print_findings(findings)
+    print_findings(findings, run)
 
 
 def click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:

@@ -154,6 +154,12 @@ def check_name(name: str) -> str:
     return name
 
 
+def file_part(name: str) -> str:
+    """``name`` as one safe path part: runs of other characters become ``_`` (a study's ``adding/rnn`` is
+    written ``adding_rnn``); the stored name keeps its slash, only file names change."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:100] or "unnamed"
+
+
 def load_mapping(path: str | Path) -> dict:
     """Read a YAML/JSON mapping, refusing unreadable files with a one-line SpecError."""
     try:

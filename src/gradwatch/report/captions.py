@@ -12,14 +12,15 @@ import math
 
 from sklearn.linear_model import LogisticRegression
 
-from gradwatch.diagnose import THRESHOLDS
-from gradwatch.records import Run, finite_median, first_over_last
+from gradwatch.diagnose import THRESHOLDS, diagnose
+from gradwatch.records import Run, finite_median
 from gradwatch.report import measures as m
 from gradwatch.report.figures import FIGURES
 from gradwatch.theory import LN2, SIGMOID_SLOPE
 
 TARGET_LOSS = 0.2  # the demo's bar for "the remedy trains the deep net"
 MENTION = 0.1  # a saturated or dead fraction worth a clause in a "why" sentence
+FLAT = 1e-3  # a first-layer weight that moves less than this over training draws a flat line
 
 ADAM_WHY = (
     "Why (old - new)/lr is not the gradient under Adam: Adam divides each step by a running RMS of "
@@ -32,6 +33,56 @@ ADAM_WHY = (
 
 def _listing(values: dict[str, float], fmt: str = ".3g") -> str:
     return ", ".join(f"{name} {value:{fmt}}" for name, value in values.items())
+
+
+def _vanishes(ratio: float) -> bool:
+    return ratio < THRESHOLDS["vanishing_ratio"][0]
+
+
+def ratio_note(runs: list[Run]) -> str:
+    """The page's one statement of the first/last ratio, and which ratio ``gradwatch diagnose`` prints instead.
+
+    Every caption and table on a page quotes ``measures.ratio`` in 3 significant digits, as the table
+    prints it; the diagnosis reads a median over the whole run, so its number is quoted here beside ours.
+    """
+    cases = m.by_case(runs)
+    init = {name: m.ratio(mine) for name, mine in cases.items()}
+    what = "weight-gradient norm (biases left out)" if m.gradient_stat(runs) != "grad_norm" else \
+        "gradient norm (weights and biases: these runs recorded no weight_grad_norm)"
+    text = (f"The first/last ratio, wherever this page gives one: the first Dense layer's {what} divided by the "
+            "last (output) layer's, read at initialisation (the first recorded step), as grad_ratio_first_last in "
+            "the table; for a case of several seeds, the median of the seeds' ratios. \"Late in training\" is the "
+            "same ratio over the last tenth of the steps.")
+    finite = {name: v for name, v in init.items() if math.isfinite(v)}
+    if not finite:
+        return text
+    name = min(finite, key=finite.get)
+    mine = sorted(cases[name], key=lambda r: r.spec.get("train", {}).get("seed", 0))  # listed seed 0 first
+    seeds = {_seed(r): m.ratio([r]) for r in mine}
+    text += (f" {name}'s is {init[name]:.3g} at initialisation" + (f" (its seeds': {_listing(seeds)})" if len(mine) > 1
+             else "") + f" and {m.ratio(mine, 'late'):.3g} late in training.")
+    kind, said = _diagnosed(mine)
+    if said:
+        text += (f" `gradwatch diagnose` prints a first/last ratio of its own in its {kind} finding: a median over "
+                 f"the whole run rather than the first step, so it need not equal either number, and for one run (a "
+                 f"name picks the newest of its seeds). For {name} it prints {_listing(said, '.2g')}.")
+    return text
+
+
+def _seed(run: Run) -> str:
+    seed = run.spec.get("train", {}).get("seed")
+    return f"seed {seed}" if seed is not None else run.id
+
+
+def _diagnosed(runs: list[Run]) -> tuple[str, dict[str, float]]:
+    """The finding kind and, per seed, the first/last ratio ``diagnose`` quotes, where it quotes one."""
+    kinds, said = [], {}
+    for run in runs:
+        found = next((f for f in diagnose(run.records) if "grad_ratio_first_last" in f.evidence), None)
+        if found:
+            kinds.append(found.kind)
+            said[_seed(run)] = found.evidence["grad_ratio_first_last"]
+    return (max(set(kinds), key=kinds.count) if kinds else ""), said
 
 
 def data(runs: list[Run]) -> str:
@@ -84,24 +135,27 @@ def loss_curves(runs: list[Run]) -> str:
 
 def gradient_flow(runs: list[Run]) -> str:
     cases = m.by_case(runs)
-    init, late = {}, {}
-    for name, mine in cases.items():
-        layers = m.dense_layers(mine[0].records)
-        init[name] = first_over_last(m.profile(mine, "grad_norm", "init", layers))
-        late[name] = first_over_last(m.profile(mine, "grad_norm", "late", layers))
+    init = {name: m.ratio(mine) for name, mine in cases.items()}
+    late = {name: m.ratio(mine, "late") for name, mine in cases.items()}
     ranked = sorted((v, n) for n, v in init.items() if math.isfinite(v))
-    ratios = "; ".join(f"{n} {init[n]:.1e} -> {late[n]:.1e}" for n in cases)
-    text = ("Gradient norm per layer (weights and biases), input on the left, median over seeds. First/last-layer "
-            f"ratio at initialisation, then late in training: {ratios}. ")
+    ratios = "; ".join(f"{n} {init[n]:.3g} -> {late[n]:.3g}" for n in cases)
+    what = "Weight-gradient norm (biases left out)" if m.gradient_stat(runs) != "grad_norm" else \
+        "Gradient norm (weights and biases)"
+    text = (f"{what} per Dense layer, input on the left; each line is the median over a case's seeds. First/last "
+            f"ratio (grad_ratio_first_last, as in the table) at initialisation, then late in training: {ratios}. ")
     if ranked:
-        text += f"The gradient shrinks most on its way back in {ranked[0][1]} ({ranked[0][0]:.1e}). "
+        text += f"The gradient shrinks most on its way back in {ranked[0][1]} ({ranked[0][0]:.3g}). "
+    twins = m.coinciding(cases, "init")
+    if twins:
+        text += ("At initialisation " + ", ".join(f"{n} lies exactly on {t}" for n, t in twins.items()) +
+                 " (hollow markers): the same seeds build the same nets, and no optimizer has stepped yet. ")
     deep = max(cases.values(), key=lambda rs: m.sigmoid_depth(rs[0]))
     depth = m.sigmoid_depth(deep[0])
     if depth:
         text += (f"The dashed line is the chain rule's factor 0.25^k counted from the output of {m.label(deep[0])}: "
                  f"with sigmoid' <= 0.25 per layer, its {depth} sigmoid layers alone shrink the gradient by up to "
                  f"0.25^{depth} = {SIGMOID_SLOPE ** depth:.1e} (the weights add factors of their own); its "
-                 f"measured ratio is {init[m.label(deep[0])]:.1e}.")
+                 f"measured ratio is {init[m.label(deep[0])]:.3g}.")
     return text
 
 
@@ -140,44 +194,52 @@ def _rounded(run: Run, gradient: float) -> str:
 
 
 def weight_traces(runs: list[Run]) -> str:
-    moved, vanishing = {}, []
+    moved, ratio, optimizer = {}, {}, {}
     for name, mine in m.by_case(runs).items():
         run = m.representative(mine)
         traces = list(m.traces(run).values())
-        if traces:
-            moved[name] = abs(traces[0][-1][2] - traces[0][0][2])  # the first layer's weight
-            if not math.isfinite(moved[name]):
-                del moved[name]  # a diverged run's weights: nothing to compare
-        if run.summary.get("verdict") == "vanishing" and run.spec.get("train", {}).get("optimizer") == "adam":
-            vanishing.append(name)
+        if traces and math.isfinite(change := abs(traces[0][-1][2] - traces[0][0][2])):  # not a diverged run's
+            moved[name], ratio[name] = change, m.ratio(mine)
+            optimizer[name] = run.spec.get("train", {}).get("optimizer")
     if not moved:
         return "No finite first-layer weight traces were recorded."
-    low, high = min(moved, key=moved.get), max(moved, key=moved.get)
-    least = "not at all" if moved[low] == 0 else f"at most {moved[low]:.1e}"
-    text = (f"Epoch against value of each Dense layer's first weight (the first layer's bold; the median-loss "
-            f"seed of each case). The first-layer weight that moves least is {low}'s, {least} over training: a "
-            f"flat line, the seed's picture of a vanishing gradient. The most is {high}'s ({moved[high]:.2g}). "
-            f"Its change per case: {_listing(moved, '.2g')}.")
-    adam = [n for n in vanishing if moved.get(n, 0) > 1e-2]
+    text = ("Epoch against value of one weight per Dense layer (colours name the layer, the first layer's bold; "
+            f"the median-loss seed of each case). How far the first layer's weight moved over training: "
+            f"{_listing(moved, '.2g')}.")
+    flat = [n for n in moved if moved[n] < FLAT]
+    if starved := [n for n in flat if _vanishes(ratio[n])]:
+        text += (" " + ", ".join(f"{n} (first/last ratio {ratio[n]:.3g})" for n in starved) +
+                 ": a flat line, the seed's picture of a vanishing gradient.")
+    if still := [n for n in flat if not _vanishes(ratio[n])]:
+        text += (" " + ", ".join(f"{n} (first/last ratio {ratio[n]:.3g})" for n in still) +
+                 ": barely moving although the gradient reaches the first layer, so small steps, not a vanishing "
+                 "gradient.")
+    adam = [n for n in moved if n not in flat and _vanishes(ratio[n]) and optimizer[n] == "adam"]
     if adam:
-        text += (f" Yet {adam[0]}'s gradient vanishes and its weights moved {moved[adam[0]]:.2g}: under Adam the "
-                 "step does not shrink with the gradient.")
+        text += (f" Yet {adam[0]}'s gradient vanishes (ratio {ratio[adam[0]]:.3g}) and its weight moved "
+                 f"{moved[adam[0]]:.2g}: under Adam the step does not shrink with the gradient.")
     return text
 
 
 def boundaries(runs: list[Run]) -> str:
-    accuracy, spread = {}, {}
+    accuracy, drawn, spread = {}, {}, {}
     for name, mine in m.by_case(runs).items():
         run = m.representative(mine)
         if "boundary" not in run.summary:
             continue
         p = [v for row in run.summary["boundary"]["p"] for v in row]
-        accuracy[name], spread[name] = run.summary.get("accuracy") or math.nan, (min(p), max(p))
+        accuracy[name] = finite_median(r.summary.get("accuracy") for r in mine)
+        drawn[name], spread[name] = run.summary.get("accuracy") or math.nan, (min(p), max(p))
     if not accuracy:
         return "No run drew a decision boundary (only 2-D binary data has one)."
     flat = [n for n, (lo, hi) in spread.items() if hi - lo < 0.1]
-    text = ("Colour: the net's probability of the orange class over the plane (median-loss seed); black: the "
-            "p = 0.5 boundary. Test accuracy: " + _listing(accuracy, ".0%") + ".")
+    text = ("Colour: the net's probability of the orange class over the plane, drawn for each case's median-loss "
+            "seed; black: the p = 0.5 boundary. Test accuracy, the median over seeds as in the table: "
+            + _listing(accuracy) + ".")
+    other = {n: v for n, v in drawn.items() if not math.isclose(v, accuracy[n], abs_tol=5e-4)}
+    if other:
+        text += (" The seed drawn is not the median-accuracy one in " + ", ".join(
+            f"{n} (it scores {v:.3g})" for n, v in other.items()) + ".")
     if flat:
         text += " Barely more confident than a coin anywhere on the plane: " + ", ".join(
             f"{n} (p from {spread[n][0]:.2f} to {spread[n][1]:.2f})" for n in flat) + "."
@@ -190,18 +252,16 @@ def why(runs: list[Run]) -> str:
 
 
 def _gradient_clauses(runs: list[Run]) -> list[str]:
-    layers = m.dense_layers(runs[0].records)
-    start = first_over_last(m.profile(runs, "grad_norm", "init", layers))
-    end = first_over_last(m.profile(runs, "grad_norm", "late", layers))
+    start, end = m.ratio(runs), m.ratio(runs, "late")
     limit = THRESHOLDS["vanishing_ratio"][0]
     if not math.isfinite(start):
         return ["no first/last gradient ratio could be measured (NaN/Inf or a single layer)"]
     if start < limit:
-        return [f"at initialisation its first layer's gradient is {start:.1e} of the output layer's (vanishing: "
+        return [f"at initialisation its first layer's gradient is {start:.3g} of the output layer's (vanishing: "
                 f"below {limit:g}), " + ("and still " if end < limit else "recovering to ") +
-                f"{end:.1e} late in training"]
-    return [f"the gradient does reach the first layer (first/last ratio {start:.2g} at initialisation, "
-            f"{end:.2g} late)"]
+                f"{end:.3g} late in training"]
+    return [f"the gradient does reach the first layer (first/last ratio {start:.3g} at initialisation, "
+            f"{end:.3g} late)"]
 
 
 def _loss_clauses(runs: list[Run]) -> list[str]:
@@ -216,11 +276,13 @@ def _loss_clauses(runs: list[Run]) -> list[str]:
     if not math.isfinite(after):
         broke = next((i for i, v in enumerate(loss) if not math.isfinite(v)), epochs - 1)
         out.append(f"the loss became NaN/Inf in epoch {broke + 1}: the run diverged")
+    elif after <= TARGET_LOSS:  # trained: whether it still creeps down says nothing about being stuck
+        out.append(f"its loss reached {after:.3g} in {epochs} epochs, at or below the {TARGET_LOSS} target: it trains")
     elif before - after > THRESHOLDS["plateau_change"][0] * before:
-        out.append(f"the loss was still falling ({before:.3f} -> {after:.3f} over the last {window} epochs), so "
+        out.append(f"the loss was still falling ({before:.3g} -> {after:.3g} over the last {window} epochs), so "
                    f"it is slow rather than stuck and needs more than {epochs} epochs")
     else:
-        out.append(f"the loss has stopped moving ({before:.3f} -> {after:.3f} over the last {window} epochs)"
+        out.append(f"the loss has stopped moving ({before:.3g} -> {after:.3g} over the last {window} epochs)"
                    + (", at ln 2: a coin flip" if abs(after - LN2) < 0.01 * LN2 else ""))
     return out
 
@@ -244,8 +306,10 @@ def _unit_clauses(runs: list[Run]) -> list[str]:
 
 def layer_health(runs: list[Run]) -> str:
     name = m.label(runs[0])
-    return (f"{name}, median over {len(runs)} seed(s): loss, gradient norm per layer, pre-activation RMS and "
-            f"saturated or dead units, at initialisation and late in training. In short: {why(runs)}.")
+    norm = "weight-gradient norm per Dense layer" if m.gradient_stat(runs) != "grad_norm" else "gradient norm per layer"
+    return (f"{name}, median over {len(runs)} seed(s): loss, {norm}, pre-activation RMS and saturated or dead "
+            f"units, at initialisation and late in training, every axis but the fractions' logarithmic. In short: "
+            f"{why(runs)}.")
 
 
 def remedy(name: str, runs: list[Run], figure: int | None, change: str = "") -> str:

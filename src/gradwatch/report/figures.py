@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from matplotlib import ticker
 from matplotlib.figure import Figure
 
 from gradwatch.records import Run
@@ -19,10 +20,34 @@ from gradwatch.report import measures as m
 from gradwatch.theory import LN2, SIGMOID_SLOPE
 
 HIGHLIGHT = ("sigmoid", "relu")  # the seed's two activations, drawn bold
+TICKS = 8  # points: the smallest text on a figure, legible when a page shows it at its natural size
+MARKERS = "osD^vPX*h<"  # one per colour, so cases that share a colour (the 11th on) still differ
+LINES = ("-", "--", "-.", ":")  # lengths 10 and 4: a case's colour, marker and dash repeat only every 20 cases
+LABEL_BOX = {"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1}  # a label over lines stays readable
 
 
 def _colour(i: int) -> str:
     return f"C{i % 10}"
+
+
+def _case_style(i: int) -> dict:
+    """The i-th case's line: its own colour, marker and dash, so lines drawn over each other stay apart."""
+    return {"color": _colour(i), "marker": MARKERS[i % len(MARKERS)], "ls": LINES[i % len(LINES)], "ms": 4}
+
+
+class _Plain(ticker.LogFormatter):
+    """Log-axis labels as plain numbers (0.7, 0.001, 1e-05) rather than 7x10^-1: an axis spanning less
+    than a decade labels its minor ticks, and these read at a glance."""
+
+    def _num_to_string(self, x, vmin, vmax):
+        return f"{x:.2g}"
+
+
+def _log(ax) -> None:
+    """A log y axis: every gradient, loss and scale panel uses one, so sibling figures compare directly."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(_Plain())
+    ax.yaxis.set_minor_formatter(_Plain(minor_thresholds=(1, 0.4)))  # minor labels only below ~1 decade
 
 
 def _grid(n: int, cols: int = 5, size: tuple[float, float] = (2.0, 1.8), **kw):
@@ -36,22 +61,11 @@ def _grid(n: int, cols: int = 5, size: tuple[float, float] = (2.0, 1.8), **kw):
 
 
 def _layer_axis(ax, layers: list[str]) -> None:
-    ax.set_xticks(range(len(layers)), layers, rotation=60, fontsize=7)
-
-
-def _scale(values: list[float]) -> str:
-    """Log where the values span two decades or more; linear otherwise (a log axis over less labels its
-    minor ticks as 4x10^-1 and reads worse than a linear one)."""
-    positive = [v for v in values if v > 0 and math.isfinite(v)]
-    return "log" if positive and max(positive) > 100 * min(positive) else "linear"
-
-
-def _ys(ax) -> list[float]:
-    return [float(y) for line in ax.lines for y in line.get_ydata()]
+    ax.set_xticks(range(len(layers)), layers, rotation=60, fontsize=TICKS)
 
 
 def _empty(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8, transform=ax.transAxes, wrap=True)
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=TICKS, transform=ax.transAxes, wrap=True)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -73,7 +87,7 @@ def data(runs: list[Run]) -> Figure:
         return fig
     _scatter(ax, run, 14)
     spec = run.spec["data"]
-    ax.set_title(f"{spec['name']}: n={spec['n_samples']}, noise={spec['noise']}", fontsize=9)
+    ax.set_title(f"{spec['name']}: n={spec['n_samples']}, noise={spec['noise']}", fontsize=10)
     ax.set_xlabel("x1")
     ax.set_ylabel("x2")
     return fig
@@ -81,7 +95,7 @@ def data(runs: list[Run]) -> Figure:
 
 def activations(runs: list[Run]) -> Figure:
     """Every activation (left) beside its derivative by autograd (right); sigmoid and ReLU bold."""
-    fig = Figure(figsize=(8.5, 3.2), layout="constrained")
+    fig = Figure(figsize=(9.5, 3.6), layout="constrained")
     left, right = fig.subplots(1, 2)
     for i, (name, (x, y, slope)) in enumerate(m.activations().items()):
         bold = name in HIGHLIGHT
@@ -89,105 +103,129 @@ def activations(runs: list[Run]) -> Figure:
         left.plot(x, y, **style)
         right.plot(x, slope, **style)
     right.axhline(SIGMOID_SLOPE, color="k", ls=":", lw=0.8)
-    right.annotate(f"{SIGMOID_SLOPE} = max sigmoid'", (-4.8, SIGMOID_SLOPE + 0.02), fontsize=7)
+    right.annotate(f"{SIGMOID_SLOPE} = max sigmoid'", (-4.8, SIGMOID_SLOPE + 0.02), fontsize=TICKS)
     left.set_ylim(-2, 3)
     right.set_ylim(-0.1, 1.9)  # 1.76 = SELU's slope below 0
     left.set_title("f(x)", fontsize=9)
     right.set_title("f'(x) (autograd)", fontsize=9)
-    right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    right.legend(fontsize=TICKS, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return fig
 
 
 def loss_curves(runs: list[Run]) -> Figure:
     """Training loss per epoch on a log axis: median over seeds, band from min to max."""
-    fig = Figure(figsize=(7.5, 3.6), layout="constrained")
+    fig = Figure(figsize=(9.5, 4.2), layout="constrained")
     ax = fig.subplots()
     for i, (name, mine) in enumerate(m.by_case(runs).items()):
         epochs, mid, lo, hi = m.curve(mine)
-        ax.plot(epochs, mid, color=_colour(i), lw=1.4, label=name)
+        ax.plot(epochs, mid, lw=1.4, label=name, markevery=max(1, len(epochs) // 10), **_case_style(i))
         if len(mine) > 1:
             ax.fill_between(epochs, lo, hi, color=_colour(i), alpha=0.15, lw=0)
     ax.axhline(LN2, color="k", ls=":", lw=0.8)
-    ax.annotate("ln 2", (1, LN2 * 1.08), fontsize=7)
-    ax.set_yscale("log")
+    ax.annotate("ln 2", (1, LN2 * 1.08), fontsize=TICKS)
+    _log(ax)
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss (BCE)")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.legend(fontsize=TICKS, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return fig
 
 
-def _flow(ax, runs_by_case: dict[str, list[Run]], when: str, stat: str = "grad_norm") -> list[str]:
-    """Per-layer medians of ``stat`` for each case on one log axis, plus the sigmoid chain-rule factor."""
+def _flow(ax, runs_by_case: dict[str, list[Run]], when: str) -> list[str]:
+    """Per-layer medians of the gradient norm for each case on one log axis, plus the sigmoid chain-rule factor.
+
+    A case whose line equals an earlier case's (the same seeds before the optimizers differ) is drawn
+    with hollow markers over it and labelled with both names, so neither hides the other.
+    """
     longest: list[str] = []
     deepest = max(runs_by_case.values(), key=lambda rs: m.sigmoid_depth(rs[0]))
-    for i, mine in enumerate(runs_by_case.values()):
+    twins = m.coinciding(runs_by_case, when)
+    for i, (name, mine) in enumerate(runs_by_case.items()):
         layers = m.dense_layers(mine[0].records)
-        values = m.profile(mine, stat, when, layers)
-        ax.plot(range(len(layers)), list(values.values()), "o-", ms=3, lw=1.2, color=_colour(i),
-                label=m.label(mine[0]))
+        values = m.profile(mine, m.gradient_stat(mine), when, layers)
+        style = _case_style(i) | ({"mfc": "none", "ms": 8, "mew": 1.2} if name in twins else {})
+        ax.plot(range(len(layers)), list(values.values()), lw=1.2, label=name, **style)
+        if name in twins:
+            ax.annotate(f"{twins[name]} = {name}", (0, values[layers[0]]), xytext=(8, 8), textcoords="offset points",
+                        fontsize=TICKS, color=style["color"], bbox=LABEL_BOX)
         longest = max(longest, layers, key=len)
-        if mine is deepest and m.sigmoid_depth(mine[0]) and stat == "grad_norm":
+        if mine is deepest and m.sigmoid_depth(mine[0]):
             n, top = len(layers), values[layers[-1]]
             bound = [top * SIGMOID_SLOPE ** (n - 1 - k) for k in range(n)]
-            ax.plot(range(n), bound, "k--", lw=0.9, label=f"0.25^k from the output ({m.label(mine[0])})")
-    ax.set_yscale("log")
+            ax.plot(range(n), bound, "k--", lw=0.9, label=f"0.25^k from the output ({name})")
+    _log(ax)
     _layer_axis(ax, longest)
+    ax.tick_params(labelsize=TICKS)
     return longest
 
 
 def gradient_flow(runs: list[Run]) -> Figure:
-    """Gradient norm per layer, input to output, at initialisation and late in training (log axis)."""
-    fig = Figure(figsize=(9.5, 3.8), layout="constrained")
+    """Gradient norm per Dense layer, input to output, at initialisation and late in training (log axis)."""
+    fig = Figure(figsize=(11.0, 4.6), layout="constrained")
     first, late = fig.subplots(1, 2, sharey=True)
     cases = m.by_case(runs)
     _flow(first, cases, "init")
     _flow(late, cases, "late")
-    first.set_title("at initialisation (first step)", fontsize=9)
-    late.set_title("late in training (last tenth of steps)", fontsize=9)
-    first.set_ylabel("gradient L2 norm per layer")
-    late.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    first.set_title("at initialisation (first step)", fontsize=10)
+    late.set_title("late in training (last tenth of steps)", fontsize=10)
+    first.set_ylabel(_norm_label(runs))
+    late.legend(fontsize=TICKS, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return fig
+
+
+def _norm_label(runs: list[Run]) -> str:
+    return "weight-gradient L2 norm" if m.gradient_stat(runs) != "grad_norm" else "gradient L2 norm (weights + biases)"
 
 
 def seed_vs_true(runs: list[Run]) -> Figure:
     """The seed's (old - new)/lr per step beside the true mean |gradient|, per layer, one panel per case."""
     cases = m.by_case(runs)
-    fig, axes = _grid(len(cases), cols=4, size=(2.6, 2.6), sharey=True)
+    fig, axes = _grid(len(cases), cols=4, size=(3.0, 2.9), sharey=True)
     for ax, (name, mine) in zip(axes, cases.items(), strict=True):
         run = m.representative(mine)
         seed, true = m.seed_vs_true(run)
         layers = list(seed)
         ax.plot(range(len(layers)), list(seed.values()), "s-", ms=3, color="C3", label="|old - new| / (lr steps)")
         ax.plot(range(len(layers)), list(true.values()), "o-", ms=3, color="C0", label="true mean |gradient|")
-        ax.set_yscale("log")
+        _log(ax)
         _layer_axis(ax, layers)
-        ax.set_title(f"{name} ({run.spec.get('train', {}).get('optimizer', '?')})", fontsize=8)
+        ax.tick_params(axis="y", labelsize=TICKS)
+        ax.set_title(f"{name} ({run.spec.get('train', {}).get('optimizer', '?')})", fontsize=9)
     axes[0].set_ylabel("per step")
-    axes[-1].legend(fontsize=6)
+    axes[-1].legend(fontsize=TICKS)
     return fig
 
 
 def weight_traces(runs: list[Run]) -> Figure:
-    """Epoch against value of one weight per Dense layer, the first layer's bold (the seed's flat-line picture)."""
+    """Epoch against value of one weight per Dense layer, the first layer's bold (the seed's flat-line picture).
+
+    Colours follow the layer (the same in every panel, the output layer black), so one legend names them all.
+    """
     cases = m.by_case(runs)
-    fig, axes = _grid(len(cases))
+    fig, axes = _grid(len(cases), size=(2.4, 2.1))
+    named: dict[str, object] = {}
     for ax, (name, mine) in zip(axes, cases.items(), strict=True):
         traces = m.traces(m.representative(mine))
-        for j, rows in enumerate(traces.values()):
-            ax.plot([e + 1 for _, e, _ in rows], [v for _, _, v in rows], lw=1.6 if j == 0 else 0.7, color=_colour(j))
+        for j, (layer, rows) in enumerate(traces.items()):
+            last = j == len(traces) - 1  # the output layer in black: an 11th colour would repeat the first's
+            (line,) = ax.plot([e + 1 for _, e, _ in rows], [v for _, _, v in rows], lw=2.0 if j == 0 else 0.8,
+                              color="k" if last and j else _colour(j))
+            named.setdefault(layer, line)
         if not traces:
             _empty(ax, "no weight traces")
-        ax.set_title(name, fontsize=8)
-        ax.tick_params(labelsize=6)
-    axes[0].set_xlabel("epoch", fontsize=7)
-    axes[0].set_ylabel("weight value", fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=TICKS)
+    fig.supxlabel("epoch", fontsize=9)
+    fig.supylabel("weight value (one weight per Dense layer)", fontsize=9)
+    if named:
+        fig.legend(list(named.values()), list(named), title="layer", fontsize=TICKS, title_fontsize=TICKS,
+                   loc="outside right center")
     return fig
 
 
 def boundaries(runs: list[Run]) -> Figure:
     """Each case's output probability over the plane (p = 0.5 drawn black) with its training points."""
     cases = {n: rs for n, rs in m.by_case(runs).items() if "boundary" in m.representative(rs).summary}
-    fig, axes = _grid(max(len(cases), 1), size=(1.9, 1.8))
+    fig, axes = _grid(max(len(cases), 1), size=(2.2, 2.1))
     if not cases:
         _empty(axes[0], "no 2-D binary runs")
     for ax, (name, mine) in zip(axes, cases.items(), strict=False):
@@ -197,7 +235,7 @@ def boundaries(runs: list[Run]) -> Figure:
         ax.contour(b["x"], b["y"], b["p"], levels=[0.5], colors="k", linewidths=1)
         if m.is_planar(run):
             _scatter(ax, run, 3)
-        ax.set_title(name, fontsize=8)
+        ax.set_title(name, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
     return fig
@@ -209,19 +247,21 @@ def layer_health(runs: list[Run]) -> Figure:
     The picture for "why did this net not train": it shows whether the gradient reaches the first
     layer, whether growing pre-activations push sigmoids into their flat tails (Glorot & Bengio
     2010), and whether the loss is stuck or merely slow. Only the first case of ``runs`` is drawn.
+    Every case gets the same axes (log for loss, gradient and scale, linear for fractions), so two
+    cases' figures compare panel by panel.
     """
     name, mine = next(iter(m.by_case(runs).items()))
     layers = m.dense_layers(mine[0].records)
     stat = "saturated_frac" if mine[0].records.layers("saturated_frac") else "dead_frac"
-    fig = Figure(figsize=(8.5, 5.6), layout="constrained")
+    fig = Figure(figsize=(10.0, 6.6), layout="constrained")
     (loss, flow), (scale, units) = fig.subplots(2, 2)
     epochs, mid, lo, hi = m.curve(mine)
     loss.plot(epochs, mid, color="C0")
     loss.fill_between(epochs, lo, hi, color="C0", alpha=0.2, lw=0)
     loss.axhline(LN2, color="k", ls=":", lw=0.8)
-    loss.set(yscale=_scale(lo + hi), xlabel="epoch", title="training loss (median, spread over seeds)")
+    loss.set(xlabel="epoch", title="training loss (median, spread over seeds)")
     for when, style in (("init", "o--"), ("late", "o-")):
-        grads = m.profile(mine, "grad_norm", when, layers)
+        grads = m.profile(mine, m.gradient_stat(mine), when, layers)
         flow.plot(range(len(layers)), list(grads.values()), style, ms=3, label=when)
         scale.plot(range(len(layers)), list(m.profile(mine, "act_rms", when, layers).values()), style, ms=3,
                    label=when)
@@ -236,14 +276,18 @@ def layer_health(runs: list[Run]) -> Figure:
                   "k:", lw=0.9, label="0.25^k")
     if not units.lines:
         _empty(units, "no saturation or dead-unit records\n(only sigmoid, tanh and ReLU layers are hooked)")
-    flow.set(yscale=_scale(_ys(flow)), title="gradient norm per layer")
-    scale.set(yscale=_scale(_ys(scale)), title="pre-activation RMS per layer")
+    flow.set(title=_norm_label(mine) + " per layer")
+    scale.set(title="pre-activation RMS per layer")
+    for ax in (loss, flow, scale):
+        _log(ax)
     for ax in (flow, scale):
         _layer_axis(ax, layers)
-    for ax in (flow, scale, units):
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.suptitle(name, fontsize=10)
+    for ax in (loss, flow, scale, units):
+        ax.tick_params(labelsize=TICKS)
+        ax.title.set_fontsize(10)
+        if ax.lines and ax is not loss:
+            ax.legend(fontsize=TICKS)
+    fig.suptitle(name, fontsize=11)
     return fig
 
 

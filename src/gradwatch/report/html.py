@@ -16,17 +16,21 @@ from pathlib import Path
 
 from gradwatch.records import Run
 from gradwatch.report import measures as m
-from gradwatch.report.captions import CAPTIONS, TARGET_LOSS, remedy
+from gradwatch.report.captions import CAPTIONS, TARGET_LOSS, ratio_note, remedy
 from gradwatch.report.figures import FIGURES
+from gradwatch.spec import file_part
 
-DPI = 90  # small PNGs: the whole demo report stays under a megabyte and renders in a few seconds
+DPI = 150  # at least; a narrower figure gets more, so that every PNG is WIDTH pixels wide or more
+WIDTH = 1200  # pixels: ticks stay legible when a PNG is opened on its own or zoomed
+CSS_DPI = 96  # a page shows each figure at its natural size in inches (CSS px per inch), sharp on any screen
 # the demo's remedies ladder, in the order of studies.demo.CASES (report sits below studies, so it
 # cannot import them; tests/test_report.py checks the two agree)
 LADDER = ("he_init", "batch_norm", "residual", "leaky_relu", "elu")
 BASE_CASE = "deep_sigmoid"  # the net each remedy changes
 SEED_CASES = ("deep_sigmoid", "deep_sigmoid_sgd", "deep_relu", "deep_relu_sgd")  # Adam beside SGD
 KEY_FIGURES = ("loss_curves", "gradient_flow", "layer_health", "boundaries")  # what show() draws
-MAX_HEALTH = 6  # per-case layer_health figures in a generic report
+MAX_HEALTH = 40  # per-case layer_health figures in a generic report: every case of the demo or a study; a
+# sweep of hundreds of cases gets the first 40 and a line saying so (each figure is ~0.1 MB and ~1 s)
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
          "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 8px}"
          "td.num{text-align:right;font-variant-numeric:tabular-nums}figure{margin:1.5em 0}"
@@ -59,15 +63,21 @@ class Page:
         return self.image(FIGURES[name](runs), CAPTIONS[name](runs), stem or name)
 
     def image(self, fig, caption: str, stem: str) -> int:
-        """Any matplotlib Figure with its caption as the next numbered figure; returns its number."""
+        """Any matplotlib Figure with its caption as the next numbered figure; returns its number.
+
+        ``stem`` names the PNG written beside the page, made safe as a file name (a study's run
+        ``adding/rnn`` is ``figNN_..._adding_rnn.png``); the page itself shows the name as it is.
+        """
         self.count += 1
         buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=DPI)
+        width = fig.get_figwidth()  # inches
+        fig.savefig(buffer, format="png", dpi=max(DPI, math.ceil(WIDTH / width)))
         png = buffer.getvalue()
         if self.out_dir is not None:
-            (self.out_dir / f"fig{self.count:02d}_{stem}.png").write_bytes(png)
+            (self.out_dir / f"fig{self.count:02d}_{file_part(stem)}.png").write_bytes(png)
         src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-        self.parts.append(f'<figure id="fig{self.count}"><img alt="{html.escape(stem)}" src="{src}">'
+        self.parts.append(f'<figure id="fig{self.count}"><img alt="{html.escape(stem)}" '
+                          f'style="width:{width * CSS_DPI:.0f}px" src="{src}">'
                           f"<figcaption><b>Figure {self.count}.</b> {html.escape(caption)}</figcaption></figure>")
         return self.count
 
@@ -122,6 +132,7 @@ def write_report(runs: list[Run], out_dir: str | Path, title: str = "gradwatch r
     page.text(f"{len(runs)} run(s) in {len(cases)} case(s); runs with the same name are seeds of one case "
               "and are drawn as their median.")
     page.table(_summary_rows(runs))
+    page.text(ratio_note(runs))
     if m.is_planar(runs[0]):
         page.figure("data", runs)
     page.figure("loss_curves", runs)
@@ -130,6 +141,9 @@ def write_report(runs: list[Run], out_dir: str | Path, title: str = "gradwatch r
     page.figure("weight_traces", runs)
     if any("boundary" in r.summary for r in runs):
         page.figure("boundaries", runs)
+    if len(cases) > MAX_HEALTH:
+        page.text(f"Layer health of the first {MAX_HEALTH} of {len(cases)} cases; `gradwatch report NAME` draws "
+                  "any other.")
     for name, mine in list(cases.items())[:MAX_HEALTH]:
         page.figure("layer_health", mine, stem=f"layer_health_{name}")
     return page.write()
@@ -148,9 +162,9 @@ def write_demo_report(runs: list[Run], rows: list[dict], out_dir: str | Path, pr
     epochs = len(m.curve(runs[:1])[0])
     page.text(f"{len(runs)} runs: {len(cases)} cases x {seeds} seed(s), {epochs} epochs each. The table gives "
               "medians over seeds: first_layer_grad is the seed's mean |(old - new)/lr| of the first layer, "
-              "first_layer_pct_change its median % change, grad_ratio_first_last the first/last layer's "
-              "weight-gradient norm at initialisation.")
+              "first_layer_pct_change its median % change, grad_ratio_first_last the first/last ratio below.")
     page.table(rows)
+    page.text(ratio_note(runs))
     page.figure("data", runs)
     page.figure("activations", runs)
     page.figure("loss_curves", runs)

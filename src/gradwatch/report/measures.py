@@ -15,8 +15,9 @@ import torch
 
 from gradwatch.data import Dataset, load
 from gradwatch.nets import ACTIVATIONS
-from gradwatch.records import Records, Run, finite_median
+from gradwatch.records import Records, Run, finite_median, first_over_last
 from gradwatch.spec import DataSpec
+from gradwatch.summary import INIT
 
 TRACE = "weight_trace"  # the STATS entry the weight-trace picture draws
 LATE = 0.1  # "late in training" = the last tenth of the recorded steps
@@ -96,6 +97,39 @@ def _at(rows: Rows, when: str) -> float:
     first, last = rows[0][0], rows[-1][0]
     start = last - LATE * (last - first)
     return finite_median(v for s, _, v in rows if s >= start)
+
+
+def gradient_stat(runs: list[Run]) -> str:
+    """The per-layer gradient norm the report draws and divides: the Dense weight matrices' (``summary.INIT``,
+    biases left out) where recorded, else ``grad_norm`` (weights and biases: a watched model of one's own)."""
+    return INIT if runs[0].records.layers(INIT) else "grad_norm"
+
+
+def ratio(runs: list[Run], when: str = "init") -> float:
+    """The report's one first/last ratio: each seed's first over last Dense layer's ``gradient_stat`` at
+    ``when`` (see ``profile``), then the median over seeds.
+
+    At ``init`` it is the median of the runs' ``grad_ratio_first_last`` (``summary.summarize`` reads the
+    same norm at the same first step), so the demo table, the captions and the pages print one number.
+    """
+    stat = gradient_stat(runs)
+    return finite_median(first_over_last(profile([r], stat, when, dense_layers(r.records))) for r in runs)
+
+
+def coinciding(cases: dict[str, list[Run]], when: str) -> dict[str, str]:
+    """case -> the earlier case whose gradient profile at ``when`` it equals (to 1e-6), for the cases that
+    do: at initialisation the demo's SGD twins are the Adam cases' very nets, as the optimizer has not stepped."""
+    seen: dict[str, list[float]] = {}
+    twins = {}
+    for name, mine in cases.items():
+        values = list(profile(mine, gradient_stat(mine), when, dense_layers(mine[0].records)).values())
+        twin = next((other for other, theirs in seen.items() if len(theirs) == len(values) and all(
+            math.isclose(a, b, rel_tol=1e-6) for a, b in zip(theirs, values, strict=True))), None)
+        if twin:
+            twins[name] = twin
+        else:
+            seen[name] = values
+    return twins
 
 
 def curve(runs: list[Run], stat: str = "loss") -> tuple[list[int], list[float], list[float], list[float]]:
