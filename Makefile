@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[keras,tensorboard,web,ray,dev]'
+	$(BIN)/pip install --quiet -e '.[keras,keras-backends,lightning,transformers,tensorboard,web,ray,dev]'
 	touch $(STAMP)
 
 # Debian's chromium for the browser tests (never a downloaded browser build).
@@ -29,6 +29,9 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	$(BIN)/ruff check .
 	KERAS_BACKEND=torch $(BIN)/python -m pytest -q -n 2 tests
+	# the Keras callback on its other backends, each in its own process (a backend is chosen once per process)
+	KERAS_BACKEND=tensorflow $(BIN)/python -m pytest -q -p no:xdist tests/test_keras_backends.py
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -q -p no:xdist tests/test_keras_backends.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/monitor_overhead.py

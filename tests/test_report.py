@@ -161,6 +161,8 @@ NOT_DRAWN = {
     "backprop_norm": "drawn by the web page (web.sessions.LAYER_STATS)",
     "state_grad_norm": "drawn by the sequences study",
     "percent_change": "quoted in the demo table (first_layer_pct_change)",
+    "clip_factor": "for tables and TensorBoard: grad_norm times it is the clipped gradient",
+    "skipped": "counted in a watched run's summary (skipped_steps)",
 }
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from gradwatch.ensemble import train_many
 from gradwatch.spec import Spec
 from gradwatch.stats import LAYERED as LAYERED_POINTS
-from gradwatch.stats import POINTS, STATS, Layout, Stat, layer_norms, read, tensor_norms
+from gradwatch.stats import EVERY_STEP, POINTS, STATS, Layout, Stat, layer_norms, percent_change, read, tensor_norms
 from gradwatch.train import train
 from gradwatch.watch import watch
 
@@ -94,7 +94,7 @@ def ref_weight_trace(_old, new, _lr):
 
 
 KERNEL = {"seed_gradient": ref_seed_gradient, "percent_change": ref_percent_change, "weight_trace": ref_weight_trace}
-OTHERS = {"update_ratio", "saturated_frac", "dead_frac"}
+OTHERS = {"update_ratio", "saturated_frac", "dead_frac", "clip_factor", "skipped"}
 
 
 def groups(seed=0, members=None):
@@ -120,7 +120,7 @@ def test_every_stats_entry_has_a_reference_here():
 def test_every_entry_is_read_at_a_known_point_and_only_gradients_every_step():
     for name, s in STATS.items():
         assert s.point in POINTS, name
-        assert not s.every_step or s.point == "grad", name  # module hooks exist on sampled steps only
+        assert not s.every_step or s.point in EVERY_STEP, name  # module hooks exist on sampled steps only
         assert (s.kinds is not None) == (s.point == "activation"), name
         assert s.proof is None or STATS[s.proof].point == s.point, name
 
@@ -336,3 +336,20 @@ def readme_table() -> dict[str, tuple[str, str, str]]:
 def test_the_readmes_statistics_are_the_table_read_where_and_when_it_says():
     assert {name: row[:2] for name, row in readme_table().items()} == {
         name: (s.point, s.cadence) for name, s in STATS.items()}
+
+
+def test_clip_factor_is_after_over_before_and_one_without_a_gradient():
+    before, after = torch.tensor([2.0, 0.0, 4.0]), torch.tensor([1.0, 0.0, 2.0])
+    assert STATS["clip_factor"].fn(before, after).tolist() == [0.5, 1.0, 0.5]
+    with_members = STATS["clip_factor"].fn(before[:, None].expand(3, 2), after[:, None].expand(3, 2), members=True)
+    assert with_members.tolist() == [[0.5, 0.5], [1.0, 1.0], [0.5, 0.5]]
+
+
+def test_skipped_is_the_scalers_found_inf_flag():
+    assert STATS["skipped"].fn(torch.tensor([0.0, 1.0, 2.0])).tolist() == [0.0, 1.0, 1.0]
+    assert STATS["skipped"].fn(torch.tensor(1.0)).tolist() == [1.0]  # GradScaler's found_inf is a scalar
+
+
+def test_percent_change_of_a_weight_that_starts_at_zero_is_skipped_not_inf():
+    got = percent_change(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0]))
+    assert math.isnan(got[0]) and got[1] == 50.0

@@ -151,7 +151,7 @@ def test_nan_and_inf_gradients_are_recorded_not_raised():
 def test_frozen_gradless_and_shared_parameters():
     torch.manual_seed(0)
     a, b, unused, frozen = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1)
-    b.weight = a.weight  # shared: counted once, under the first module that owns it
+    b.weight = a.weight  # shared: counted once, under the last module that holds it (a tied output head)
     frozen.requires_grad_(False)
     model = nn.ModuleDict({"a": a, "b": b, "unused": unused, "frozen": frozen})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -164,8 +164,8 @@ def test_frozen_gradless_and_shared_parameters():
     w.detach()
     norms = at(w, "grad_norm", 1)
     assert set(norms) == {"a", "b"}  # no gradient for `unused`; `frozen` is not trainable
-    assert close(norms["a"], torch.cat([a.weight.grad.reshape(-1), a.bias.grad]).norm().item())
-    assert close(norms["b"], b.bias.grad.norm().item())  # b's own parameter only
+    assert close(norms["a"], a.bias.grad.norm().item())  # a's own parameter only
+    assert close(norms["b"], torch.cat([b.weight.grad.reshape(-1), b.bias.grad]).norm().item())
     assert set(at(w, "update_ratio", 1)) == {"a", "b", "unused"}
 
 
@@ -320,7 +320,7 @@ def test_ten_thousand_steps_stay_within_the_record_buffer():
     grown = tracemalloc.get_traced_memory()[0] - settled
     tracemalloc.stop()
     assert w.step == 10_000 and len(w.records) == 500 and w.records.rows[-1][0] == 9_990  # the last flush
-    assert len(w._reads.steps) == 9 and not w._pending and not w._some  # steps 9991-9999 wait for the next one
+    assert len(w._reads.steps) == 9 and not w._pending and not w._patterns.some  # steps 9991-9999 wait for the next one
     w.flush()
     assert len(w.records) == 500 and w.records.rows[-1][0] == 9_999 and not w._reads.steps
     assert grown < 64_000, grown  # bytes: nothing piles up beyond the 500 rows already held at step 1000

@@ -11,6 +11,7 @@ each result gains a trailing E axis.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,11 @@ POINTS = {
                     "(Pascanu et al. 2013), on one batch per epoch",
     "kernel": "fn(start, now, lr, members): each Dense layer's weight matrix at the start of training and now, "
               "once per epoch: the seed notebook's measures",
+    "clip": "fn(before, after, members): each layer's gradient L2 norm (``norm``) before clipping and after it, "
+            "both unscaled, (L,) or (L, E)",
+    "scaler": "fn(found_inf, members): the loss scaler's Inf/NaN flag at an update (layer \"\"), as a tensor",
 }
+EVERY_STEP = ("grad", "scaler")  # points read at every update: no module hook is needed there
 LAYERED = ("grad", "weight", "output", "signal", "kernel_grad", "state_signal")  # fn(tensors, layout, members)
 PER_EPOCH = ("kernel_grad", "state_signal", "kernel")  # points read once per epoch, whatever ``every_step``
 
@@ -42,8 +47,8 @@ PER_EPOCH = ("kernel_grad", "state_signal", "kernel")  # points read once per ep
 class Stat:
     """Where a statistic is read (a ``POINTS`` key), how often, and the pure function that reads it.
 
-    ``every_step``: on every optimizer step (gradients only: module hooks exist on sampled steps
-    alone), else on sampled steps, or at the point's own cadence for the per-epoch points.
+    ``every_step``: on every optimizer step (``EVERY_STEP`` points only: module hooks exist on
+    sampled steps alone), else on sampled steps, or at the point's own cadence for the per-epoch points.
     ``parts``: ``(read, combine)``, a cheaper road to ``fn``'s result for a monitor that gathers
     reads first. At a layered point ``read(tensors, members)`` gives per-tensor values (P, ...)
     and ``combine(values, layout)`` per-layer ones, so many steps combine at once and entries with
@@ -257,8 +262,12 @@ def seed_gradient(old: Tensor, new: Tensor, learning_rate: float | Tensor) -> Te
 
 
 def percent_change(old: Tensor, new: Tensor) -> Tensor:
-    """The seed notebook's ``|100 (old - new) / old|``, entry by entry."""
-    return (100 * (old - new) / old).abs()
+    """The seed notebook's ``|100 (old - new) / old|``, entry by entry; NaN (skipped) where ``old`` is 0.
+
+    A weight that starts at 0 has no relative change: x / 0 would be an Inf that medians carry and the
+    diagnosis reads as a NaN/Inf. Every caller takes a NaN-ignoring median, so those entries drop out.
+    """
+    return torch.where(old != 0, (100 * (old - new) / old).abs(), torch.full_like(old, math.nan))
 
 
 def mean_seed_gradient(start: list[Tensor], now: list[Tensor], lr: float | Tensor, members: bool = False) -> Tensor:
@@ -278,6 +287,20 @@ def weight_trace(start: list[Tensor], now: list[Tensor], _lr: Any = None, member
     """Per layer, the value of its weight matrix's first entry now: the seed's epoch-vs-weight picture,
     where a first layer's flat line is the vanishing gradient seen by eye."""
     return torch.stack([_rows(n, True)[:, 0] if members else n.reshape(-1)[0] for n in now])
+
+
+def clip_factor(before: Tensor, after: Tensor, members: bool = False) -> Tensor:
+    """Per layer, the gradient's norm after clipping over its norm before: 1 unclipped, < 1 clipped.
+
+    ``clip_grad_norm_`` scales every gradient by one factor, so every layer reads the same value;
+    a layer with no gradient (norm 0) reads 1, not 0/0.
+    """
+    return torch.where(before > 0, after / before, torch.ones_like(before))
+
+
+def skipped(found_inf: Tensor, members: bool = False) -> Tensor:
+    """1 where the scaler found Inf/NaN and skipped the update, else 0: its own flag as a float, shape (1,)."""
+    return (found_inf > 0).float().reshape(-1)
 
 
 # activations whose outputs pile up at a bound when saturated: module class -> (low, high)
@@ -303,6 +326,8 @@ STATS = {
     "seed_gradient": Stat("kernel", False, mean_seed_gradient),
     "percent_change": Stat("kernel", False, median_percent_change),
     "weight_trace": Stat("kernel", False, weight_trace),
+    "clip_factor": Stat("clip", False, clip_factor),  # whole-model clipping: after / before, per layer
+    "skipped": Stat("scaler", True, skipped),  # an update the scaler skipped: its Inf gradient is not recorded
 }
 
 

@@ -3,15 +3,16 @@
 Built like fastai's ``Hook``/``HookCallback(every=...)``: small hooks composed into one handle that
 detaches cleanly, with module and autograd-node hooks registered only on sampled steps (every
 ``every``-th step). What is read where is ``stats.STATS``: the watcher loops over its entries for
-each hook point (gradients before the optimizer step, weights before it, the update, each layer's
-output and backpropagated signal, each activation's output) and names none. Every step pays only
+each hook point (gradients at the end of the update's last backward, their clipping, the loss
+scaler's skip flag, weights before the step, the update, each layer's output and backpropagated
+signal, each activation's output) and names none. Every step pays only
 for the every-step entries (the per-layer gradient norm and RMS: one ``_foreach_norm`` over the
 gradients, ``clip_grad_norm_``'s fast path); sampled steps add the rest. Results stay on the
 tensors' device and reach the host in one copy per ``every`` steps (the monitor's one ``# sync:``),
 unlike Cockpit's always-on extensions.
 
-What keeps it cheap (``benchmarks/monitor_overhead.py``): with an optimizer, its step pre/post hooks
-are the only per-step Python; a step's per-tensor reads are combined per layer at the flush, many
+What keeps it cheap (``benchmarks/monitor_overhead.py``): the per-step Python is the optimizer's step
+hooks and a one-line hook per gradient that queues one read at the backward's end; a step's per-tensor reads are combined per layer at the flush, many
 steps at once (an entry's ``parts``); entries that share a read (max and mean |g|) share one pass
 over memory; the weights' copy before a sampled step reuses its buffer; an entry with a ``proof``
 (NaN/Inf counts) is read only where its proof (max |g|) is not finite. Most of what remains is
@@ -21,6 +22,8 @@ memory traffic that any exact monitor at this cadence pays: the benchmark's ``fl
 from __future__ import annotations
 
 import math
+import warnings
+from itertools import accumulate
 
 import torch
 import torch.distributed as dist
@@ -29,185 +32,145 @@ from torch.autograd import Variable
 
 from gradwatch.diagnose import diagnose as _diagnose
 from gradwatch.records import Records, Run
-from gradwatch.stats import Layout, at, read
+from gradwatch.stats import at, read
+from gradwatch.watch.grads import (
+    Gradient,
+    Patterns,
+    Snapshot,
+    StepReads,
+    layers_of,
+    loss_scales,
+    optimizer_of,
+    scale_version,
+    unwrap,
+)
 from gradwatch.watch.probes import Probes
 
-MAX_LAYOUTS = 64  # distinct patterns of missing gradients cached before the cache starts over
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's own module inside torch.compile (``_orig_mod``) and DDP/DataParallel (``module``).
-
-    Layers are named from it, so a wrapped model's records read ``dense1``, not ``module.dense1``.
-    """
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
-
-
-def _layers(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
-    """(name, trainable parameters it owns) per module, each shared parameter counted once."""
-    seen: set[int] = set()
-    out = []
-    for name, module in model.named_modules():
-        params = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
-        seen.update(id(p) for p in params)
-        if params:
-            out.append((name or "model", params))
-    return out
-
-
-class _Grads:
-    """The layers that have gradients this step, and what their statistics need; one per pattern."""
-
-    def __init__(self, layers: list[tuple[str, list[nn.Parameter]]], has: tuple[bool, ...]):
-        flags = iter(has)
-        groups = [(name, [p for p in ps if next(flags)]) for name, ps in layers]
-        groups = [(name, ps) for name, ps in groups if ps]
-        self.names = [name for name, _ in groups]
-        self.layout = Layout.of([ps for _, ps in groups]) if groups else None
-
-
-class _Snapshot:
-    """The weights before a sampled step, in one buffer kept between sampled steps.
-
-    One ``cat`` into a flat buffer when the weights share a dtype and device (one copy, not one per
-    parameter); ``before`` holds its per-parameter views.
-    """
-
-    def __init__(self, params: list[nn.Parameter]):
-        self.params, self.before, self.flat = params, None, None
-
-    @torch.no_grad()  # the optimizer's hooks run before its own no_grad
-    def take(self) -> list[Tensor]:
-        params = self.params
-        if self.before is None:
-            if len({(p.dtype, p.device) for p in params}) == 1:
-                self.flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-                self.before = [v.view_as(p) for v, p in zip(self.flat.split([p.numel() for p in params]), params,
-                                                            strict=True)]
-            else:
-                self.before = [torch.empty_like(p) for p in params]
-        if self.flat is not None:
-            torch.cat([p.reshape(-1) for p in params], out=self.flat)
-        else:
-            for old, p in zip(self.before, params, strict=True):
-                old.copy_(p)
-        return self.before
-
-
-class _StepReads:
-    """The every-step gradient entries: a read per step (``parts``), combined per layer at the flush,
-    many steps at once: two kernel calls per step instead of eight, when each costs more than the math."""
-
-    def __init__(self):
-        self.entries = at("grad", every_step=True)
-        self.steps: list[tuple[int, int, _Grads, dict]] = []  # per step: its gradients' per-tensor reads
-
-    def add(self, step: int, epoch: int, layers: _Grads, grads: list[Tensor]) -> dict[str, Tensor]:
-        """Read this step's gradients; returns the values of entries without parts, to push as they are."""
-        reads, now = {}, {}
-        for stat, s in self.entries.items():
-            if s.parts:
-                if s.parts[0] not in reads:
-                    reads[s.parts[0]] = s.parts[0](grads)
-            else:
-                now[stat] = s.fn(grads, layers.layout)
-        self.steps.append((step, epoch, layers, reads))
-        return now
-
-    def rows(self) -> tuple[list[tuple[int, int, str, list[str]]], list[Tensor]]:
-        """(rows, values) of the steps read so far, each pattern of layers at once; then forgets them."""
-        rows, values = [], []
-        for layers in {id(e[2]): e[2] for e in self.steps}.values():
-            mine = [(step, epoch, reads) for step, epoch, same, reads in self.steps if same is layers]
-            stacked: dict = {}
-            for stat, s in self.entries.items():
-                if s.parts:
-                    if s.parts[0] not in stacked:  # (P, ..., steps)
-                        stacked[s.parts[0]] = torch.stack([reads[s.parts[0]] for *_, reads in mine], -1)
-                    v = s.parts[1](stacked[s.parts[0]], layers.layout)  # (L, steps)
-                    rows += [(step, epoch, stat, layers.names) for step, epoch, _ in mine]
-                    values.append(v.T.reshape(-1))
-        self.steps = []
-        return rows, values
+NO_OPTIMIZER = ("watch(model) without an optimizer records each backward's gradient: loss-scaled under GradScaler, "
+                "partial under accumulation; pass the optimizer (and scaler) for the gradient each update applies")
 
 
 class Watcher:
-    """Records per-layer statistics of ``model`` into ``self.records``; see :func:`watch`."""
+    """Records ``model``'s per-layer statistics (:func:`watch`); ``driven``: the caller calls ``before_step``."""
 
-    def __init__(self, model: nn.Module, optimizer=None, every: int = 10, buffer: int = 1_000_000):
+    def __init__(self, model: nn.Module, optimizer=None, every: int = 10, buffer: int = 1_000_000,
+                 scaler=None, driven: bool = False):
         if every < 1:
             raise ValueError(f"every: got {every}; allowed: >= 1")
         if buffer < 1:
             raise ValueError(f"buffer: got {buffer}; allowed: >= 1")
-        self.model, self.optimizer, self.every = model, optimizer, every
+        self.optimizer = None if optimizer is None else optimizer_of(optimizer)
+        self.model, self.every, self.scaler, self._driven = model, every, scaler, driven
         self.records = Records(maxlen=buffer)
         self.step, self.epoch = 0, 0
-        self._layers = _layers(_unwrap(model))
+        self._layers = layers_of(unwrap(model))
         self._names = [name for name, _ in self._layers]
         self._params = [p for _, ps in self._layers for p in ps]
-        self._all = _Grads(self._layers, (True,) * len(self._params))
-        self._some: dict[tuple[bool, ...], _Grads] = {}
-        self._reads, sampled = _StepReads(), at("grad", every_step=False)
-        self._sampled_grads = {stat: s for stat, s in sampled.items() if not s.proof}
-        self._proved = {stat: s for stat, s in sampled.items() if s.proof}  # read only when the proof fails
-        self._weights, self._updates = at("weight"), at("update")
+        self._patterns = Patterns(self._layers)
+        self._reads = StepReads()
+        self._weights, self._updates, self._scaler = at("weight"), at("update"), at("scaler")
+        self._latest: Gradient | None = None  # the last backward's gradient, awaiting its update
+        self._scaler_version: int | None = None  # the scaler's scale tensor's version when _latest was read
+        self._clipping: tuple | None = None  # (gradient, scale, scale now) for the sampled step's clip entries
+        self._inverse: Tensor | None = None  # 1 / loss scale of the committed step: the signal is scaled too
+        self._awaiting = False  # a step's gradient was committed and its optimizer step has not ended yet
         self._pending: list[tuple[int, int, str, list[str], Tensor]] = []  # values awaiting the flush
-        self._unchecked: tuple[int, int, _Grads, list[Tensor]] | None = None  # gradients a proof may clear
-        self._snapshot = _Snapshot(self._params)
+        self._unchecked: tuple[int, int, Gradient] | None = None  # gradients a proof may clear
+        self._snapshot = Snapshot()
         self._updated, self._queued = False, False
         self._handles: list = []
-        # a torch.compile'd model runs its graph, not its modules' hooks: gradient and update statistics only
-        modules = [] if hasattr(model, "_orig_mod") else list(_unwrap(model).named_modules())
+        # a compiled model (``torch.compile(model)``, ``model.compile()``) runs its graph, not its modules'
+        # hooks: gradient and update statistics only (compile after watch: ``Probes`` turn inert)
+        compiled = hasattr(model, "_orig_mod") or getattr(unwrap(model), "_compiled_call_impl", None) is not None
+        modules = [] if compiled else list(unwrap(model).named_modules())
         self._probes = Probes([(name or "model", m) for name, m in modules], {n: i for i, n in enumerate(self._names)})
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return  # only rank 0 watches: gradients are all-reduced, so every rank would record the same
-        if optimizer is None:
-            self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params]
-        else:  # gradients final (clipped, all-reduced), weights old; then weights new
-            self._handles = [optimizer.register_step_pre_hook(self._on_before_step),
-                             optimizer.register_step_post_hook(self._on_after_step)]
+        if not driven:  # a parameter frozen now has no hook; its gradient is read with the others' once unfrozen
+            self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params
+                             if p.requires_grad]
+        if self.optimizer is None:
+            warnings.warn(NO_OPTIMIZER, stacklevel=3)
+        else:  # weights old (the update's gradient is committed here unless driven); then weights new
+            if not driven:
+                self._handles.append(self.optimizer.register_step_pre_hook(self._on_before_step))
+            self._handles.append(self.optimizer.register_step_post_hook(self._on_after_step))
         self._arm()
 
     # --- events -------------------------------------------------------------------------------
     def _on_grad(self, _param: Tensor) -> None:
-        """A parameter's gradient landed: run ``_on_backward`` once, when the whole backward ends."""
+        """A parameter's gradient landed: read the gradients once, when the whole backward ends."""
         if not self._queued:
             self._queued = True
-            Variable._execution_engine.queue_callback(self._on_backward)
+            Variable._execution_engine.queue_callback(self._queue_again)
+
+    def _queue_again(self) -> None:
+        """Queue the reading behind every callback queued during the backward: DDP's all-reduce ends in one."""
+        Variable._execution_engine.queue_callback(self._on_backward)
 
     def _on_backward(self) -> None:
-        """Without an optimizer, each backward is a step: gradients are final here."""
+        """A backward ended: keep its gradient for the coming update; without an optimizer it is the step."""
         self._queued = False
-        self._record_grads()
-        if self._sampled():
-            self._push_all(self._names, read(self._weights, self._params, self._all.layout))
+        if self._latest is not None and scale_version(self.scaler) != self._scaler_version:
+            self._skip()  # the scaler moved on without an optimizer step: it found Inf/NaN, skipped that update
+        self._latest = self._reads.read(self._patterns, self._params, self._sampled())
+        self._scaler_version = scale_version(self.scaler)
+        if self.optimizer is None:
+            self._commit(None)
+            if self._sampled():
+                self._push_all(self._names, read(self._weights, self._params, self._patterns.all.layout))
+            self._finish_step()
+
+    def _skip(self) -> None:
+        """The kept gradient's update never happened: a ``scaler`` row for the step, none of its gradient."""
+        self._latest, self._awaiting, self._updated, self._clipping = None, False, False, None
+        self._push_all([""], read(self._scaler, torch.ones(1)))
         self._finish_step()
 
-    def _on_before_step(self, *_args) -> None:
-        self._record_grads()
-        self._updated = self._sampled() and bool(self._weights or self._updates)
-        if self._updated:
-            self._snapshot.take()
+    def _on_before_step(self, optimizer, *_args) -> None:
+        """The optimizer's step pre-hook: gradients clipped, unscaled (fused AMP: still scaled)."""
+        scale, now, found_inf = loss_scales(optimizer, self.scaler)
+        if self._latest is None:  # no backward hook fired (all frozen at watch(), or gradients set by hand)
+            self._latest, scale = self._reads.read(self._patterns, self._params, self._sampled()), now
+        self.before_step(scale, now=now, found_inf=found_inf)
+
+    def before_step(self, scale: Tensor | None = None, now: Tensor | None = None,
+                    found_inf: Tensor | None = None) -> None:
+        """Commit the update's gradient, divided by ``scale``; ``now``, ``found_inf``: a fused optimizer's."""
+        if self._awaiting:  # the last committed update's optimizer step never ran: the scaler skipped it
+            self._skip()
+        kept = self._latest = self._latest or self._reads.read(self._patterns, self._params, self._sampled())
+        self._commit(scale)
+        if found_inf is not None:
+            self._push_all([""], read(self._scaler, found_inf))
+        if self._sampled():
+            self._clipping = None if kept is None or kept.norms is None else (kept, scale, now)
+            if not self._driven:  # clipped already (driven: clipped next, so measured after the step)
+                self._measure_clip()
+            if self._weights or self._updates:
+                self._updated = self._snapshot.take(self._patterns.of(tuple(p.requires_grad for p in self._params)))
+        self._awaiting = True
+
+    def _measure_clip(self) -> None:
+        if self._clipping is not None:
+            self._push_all(self._clipping[0].layers.names, self._reads.clip(*self._clipping))
+            self._clipping = None
 
     def _on_after_step(self, *_args) -> None:
+        self._awaiting = False
+        self._measure_clip()
         if self._updated:
-            before, layout = self._snapshot.before, self._all.layout
+            layers, before = self._snapshot.layers, self._snapshot.weights
             with torch.no_grad():  # the weights before the step, then the step itself
-                self._push_all(self._names, read(self._weights, before, layout))
-                self._push_all(self._names, read(self._updates, before, self._params, layout))
+                self._push_all(layers.names, read(self._weights, before, layers.layout))
+                self._push_all(layers.names, read(self._updates, before, layers.params, layers.layout))
             self._updated = False
         self._finish_step()
 
     def _finish_step(self) -> None:
-        if self._probes.armed:
+        if self._probes.armed and not self._probes.compiled:
             self._probes.disarm()
-            for stat, names, values in self._probes.collect():
+            for stat, names, values in self._probes.collect(self._inverse):
                 self._push(stat, names, values)
         if self._sampled():
             self.flush()
@@ -216,40 +179,29 @@ class Watcher:
 
     def _arm(self) -> None:
         """Register the module hooks for the coming step, only if it is sampled (fastai's ``every``)."""
-        if self._handles and self._sampled():
+        if self._handles and self._sampled() and not self._probes.compiled:
             self._probes.arm(self.step)
 
     # --- statistics ---------------------------------------------------------------------------
     def _sampled(self) -> bool:
         return self.step % self.every == 0
 
-    def _grads(self) -> tuple[_Grads, list[Tensor]]:
-        grads = [p.grad for p in self._params]
-        if all(g is not None for g in grads):
-            return self._all, grads
-        has = tuple(g is not None for g in grads)  # parameters without a gradient this step are left out
-        if has not in self._some:
-            if len(self._some) >= MAX_LAYOUTS:
-                self._some.clear()
-            self._some[has] = _Grads(self._layers, has)
-        return self._some[has], [g for g in grads if g is not None]
-
-    def _record_grads(self) -> None:
-        """Every step the every-step entries (``_StepReads``); sampled steps the rest."""
-        layers, grads = self._grads()
-        if not grads:
+    def _commit(self, scale: Tensor | None) -> None:
+        """Queue the kept gradient's entries as this step's, divided by the loss scale ``scale``."""
+        kept, self._latest = self._latest, None
+        self._inverse = None if scale is None else 1.0 / scale  # the signal's probes read the scaled loss too
+        if kept is None:
             return
-        self._push_all(layers.names, self._reads.add(self.step, self.epoch, layers, grads))
+        self._push_all(kept.layers.names, self._reads.commit(self.step, self.epoch, kept, self._inverse))
         if self._sampled():
-            self._push_all(layers.names, read(self._sampled_grads, grads, layers.layout))
-            self._unchecked = (self.step, self.epoch, layers, grads) if self._proved else None
+            self._unchecked = (self.step, self.epoch, kept) if self._reads.proved else None
 
     def _prove(self, proof: str, values: list[float]) -> None:
         """Record the entries ``proof`` vouches for on the sampled step's gradients: zeros when all of
         its values are finite, else read (a second sync, in a diverging run, where speed no longer matters)."""
-        step, epoch, layers, grads = self._unchecked
+        step, epoch, (layers, *_, grads) = self._unchecked
         finite = all(map(math.isfinite, values))
-        for stat, s in self._proved.items():
+        for stat, s in self._reads.proved.items():
             if s.proof == proof:
                 counts = [0.0] * len(layers.names)
                 if not finite:
@@ -276,14 +228,18 @@ class Watcher:
             return
         device = values[0].device
         flat = torch.cat([v.to(device) for v in values]).tolist()  # sync: the monitor's one copy per `every` steps
-        proofs = {s.proof for s in self._proved.values()}
-        i = 0
-        for step, epoch, stat, names in rows:
-            row = flat[i : i + len(names)]
+        proofs = {s.proof for s in self._reads.proved.values()}
+        ends = list(accumulate(len(names) for *_, names in rows))
+        # a step the scaler skipped keeps only its scaler rows: its Inf gradient never reached the weights
+        skipped = {r[0] for r, end in zip(rows, ends, strict=True) if r[2] in self._scaler and flat[end - 1] > 0}
+        clips = at("clip")
+        for (step, epoch, stat, names), end in zip(rows, ends, strict=True):
+            row = flat[end - len(names) : end]
+            if (step in skipped and stat not in self._scaler) or (stat in clips and set(row) == {1.0}):
+                continue  # a clip factor of exactly 1 everywhere: nothing was clipped
             self.records.add_layers(step, epoch, stat, names, row)
             if stat in proofs and self._unchecked and self._unchecked[0] == step:
                 self._prove(stat, row)
-            i += len(names)
         if self._unchecked and any(r[0] == self._unchecked[0] for r in rows):
             self._unchecked = None
 
@@ -306,18 +262,23 @@ class Watcher:
         return _diagnose(self.records)
 
     def run(self, **fields) -> Run:
-        """The records as a :class:`Run`, ready for ``Store.put_run``."""
+        """The records as a :class:`Run`, ready for ``Store.put_run``; its summary counts skipped updates."""
         self.flush()
+        skipped = sum(r[4] for r in self.records.rows if r[3] in self._scaler)
+        if skipped:
+            fields["summary"] = {"skipped_steps": skipped, **fields.get("summary", {})}
         return Run(records=self.records, **fields)
 
     def detach(self) -> None:
         """Remove every hook; the model then runs exactly as if it had never been watched."""
+        if self._awaiting and self._driven:  # the last committed update's step never came: skipped
+            self._skip()
         self.flush()
         self._probes.disarm()
         for handle in self._handles:
             handle.remove()
-        self._handles, self._updated, self._unchecked = [], False, None
-        self._snapshot = _Snapshot(self._params)
+        self._handles, self._updated, self._unchecked, self._latest, self._awaiting = [], False, None, None, False
+        self._snapshot = Snapshot()
 
     def __enter__(self) -> Watcher:
         return self
@@ -326,13 +287,18 @@ class Watcher:
         self.detach()
 
 
-def watch(model: nn.Module, optimizer=None, every: int = 10, buffer: int = 1_000_000) -> Watcher:
+def watch(model: nn.Module, optimizer=None, every: int = 10, buffer: int = 1_000_000, scaler=None) -> Watcher:
     """Start recording ``model``'s per-layer gradient health; returns a :class:`Watcher`.
 
     Gradient norms are taken every step, everything else every ``every`` steps (see the module
-    docstring). With ``optimizer`` a step is an optimizer step: gradients are read just before it
-    (after clipping and DDP's all-reduce) and update-to-weight ratios are added; without one, each
-    backward is a step. ``buffer`` bounds the rows kept in memory (the oldest go first).
+    docstring). With ``optimizer`` a step is an optimizer step, and the gradient recorded is the one
+    it applies, before clipping: read at the end of the last backward before the step (so summed over
+    accumulation micro-batches, and after DDP's all-reduce), divided by the loss scale (``scaler``: the
+    ``torch.amp.GradScaler``, if any; a fused optimizer is handed its scale by the scaler), with the
+    ``clip`` entries (after / before clipping) and update-to-weight ratios on sampled steps. An update
+    the scaler skips (Inf/NaN found) is a ``scaler`` row, not a gradient. Without an optimizer each
+    backward is a step, as it lands (a one-time warning says so). ``buffer`` bounds the rows kept in
+    memory (the oldest go first).
 
     Examples:
         >>> with gradwatch.watch(model, optimizer) as w:
@@ -340,4 +306,4 @@ def watch(model: nn.Module, optimizer=None, every: int = 10, buffer: int = 1_000
         ...         opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
         >>> print(w.diagnose())
     """
-    return Watcher(model, optimizer, every, buffer)
+    return Watcher(model, optimizer, every, buffer, scaler)

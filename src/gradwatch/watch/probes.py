@@ -34,6 +34,7 @@ class Probes:
             elif name in order:
                 self.hooks.append((module, partial(self._on_forward, name)))
         self.armed: list = []
+        self.compiled = False  # a torch.compile trace ran these hooks: left attached, inert, for good
         self.step: int | None = None
         self.pieces: dict[str, dict[str, object]] = {}
         self.seen: set[tuple[str, str]] = set()
@@ -51,8 +52,15 @@ class Probes:
 
     def _first(self, name: str, where: str, forward: bool = True) -> bool:
         """Only a step's first call is read (an unrolled RNN cell: its first time step, the gradient
-        that travelled furthest back), and a forward only under autograd, so an evaluation pass is not."""
-        if (name, where) in self.seen or (forward and not torch.is_grad_enabled()):
+        that travelled furthest back), and a forward only under autograd, so an evaluation pass is not.
+
+        Never inside a torch.compile trace: a probe would break the graph, and hooks that come and go
+        recompile it, so once traced they all stay attached and inert (the unwatched model's graphs).
+        """
+        if torch.compiler.is_compiling():
+            self.compiled = True  # a write: dynamo guards on what a trace reads, not on this
+            return False
+        if self.compiled or (name, where) in self.seen or (forward and not torch.is_grad_enabled()):
             return False
         self.seen.add((name, where))
         return True
@@ -60,7 +68,7 @@ class Probes:
     def _one(self, point: str, name: str, t: Tensor) -> None:
         """Each ``point`` entry on one layer's tensor."""
         layout = self.layouts.get(t.numel()) or self.layouts.setdefault(t.numel(), Layout.of([[t]]))
-        for stat, value in read(self.points[point], [t], layout).items():
+        for stat, value in read(self.points[point], [t.float()], layout).items():  # float: fp16 norms overflow
             self.pieces[stat][name] = value[0]
 
     def _on_forward(self, name: str, _module, _inputs, output) -> None:
@@ -87,13 +95,16 @@ class Probes:
             param = s.kinds[kind]
             self.pieces[stat][name] = s.parts[0](out, param) if s.parts else s.fn([out], [param])[0]
 
-    def collect(self) -> list[tuple[str, list[str], Tensor]]:
-        """(stat, layer names in model order, values) of each entry read on the armed step."""
+    def collect(self, inverse: Tensor | None = None) -> list[tuple[str, list[str], Tensor]]:
+        """(stat, layer names in model order, values) of each entry read on the armed step; the ``signal``
+        entries (dL/d(output) of the loss-scaled loss: linear in it) times ``inverse``, 1 / loss scale."""
         out = []
         for stat, pieces in self.pieces.items():
             if pieces:
                 names = sorted(pieces, key=lambda n: self.order.get(n, -1))
                 s, values = self.entries[stat], [pieces[n] for n in names]
                 combined = s.parts[1](values) if s.parts and s.point == "activation" else torch.stack(values)
+                if inverse is not None and s.point == "signal":
+                    combined = combined * inverse
                 out.append((stat, names, combined))
         return out
