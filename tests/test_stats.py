@@ -16,8 +16,8 @@ from torch import nn
 
 from gradwatch.ensemble import train_many
 from gradwatch.spec import Spec
-from gradwatch.stats import LAYERED as LAYERED_POINTS
 from gradwatch.stats import EVERY_STEP, POINTS, STATS, Layout, Stat, layer_norms, percent_change, read, tensor_norms
+from gradwatch.stats import LAYERED as LAYERED_POINTS
 from gradwatch.train import train
 from gradwatch.watch import watch
 

@@ -12,11 +12,12 @@ tensors' device and reach the host in one copy per ``every`` steps (the monitor'
 unlike Cockpit's always-on extensions.
 
 What keeps it cheap (``benchmarks/monitor_overhead.py``): the per-step Python is the optimizer's step
-hooks and a one-line hook per gradient that queues one read at the backward's end; a step's per-tensor reads are combined per layer at the flush, many
-steps at once (an entry's ``parts``); entries that share a read (max and mean |g|) share one pass
-over memory; the weights' copy before a sampled step reuses its buffer; an entry with a ``proof``
-(NaN/Inf counts) is read only where its proof (max |g|) is not finite. Most of what remains is
-memory traffic that any exact monitor at this cadence pays: the benchmark's ``floor`` line.
+hooks and a one-line hook per gradient that queues one read at the backward's end; a step's per-tensor
+reads are combined per layer at the flush, many steps at once (an entry's ``parts``); entries that share
+a read (max and mean |g|) share one pass over memory; the weights' copy before a sampled step reuses its
+buffer; an entry with a ``proof`` (NaN/Inf counts) is read only where its proof (max |g|) is not finite.
+Most of what remains is memory traffic that any exact monitor at this cadence pays: the benchmark's
+``floor`` line.
 """
 
 from __future__ import annotations
