@@ -24,7 +24,7 @@ from gradwatch.ensemble.optim import Optimizer
 from gradwatch.ensemble.stack import Stack
 from gradwatch.nets import OUTPUTS
 from gradwatch.spec import Spec
-from gradwatch.stats import Layout, activation_kinds, at, read
+from gradwatch.stats import Layout, activation_kinds, at, norm, read
 
 
 def member_loss(loss_fn, z: Tensor, y: Tensor) -> Tensor:
@@ -70,7 +70,7 @@ class Ensemble:
         # layers whose output the watcher probes for scale and backpropagated signal (not activations)
         self.signal = tuple(n for n in self.names if stack.kinds[n] not in activation_kinds())
         self.stats = {point: at(point) for point in ("weight", "update", "output", "signal", "activation",
-                                                    "kernel_grad", "kernel")}  # STATS entries by hook point
+                                                    "kernel_grad", "kernel", "clip")}  # STATS entries by hook point
         self.stats.update(step_grad=at("grad", every_step=True), sampled_grad=at("grad", every_step=False))
         self.layout = Layout.of([[v] for v in stack.views(stack.flat)], members=True)
         self.dense_layout = Layout.of([[stack.p[n]] for n in self.dense], members=True)
@@ -122,8 +122,13 @@ class Ensemble:
         if first:  # the Dense weight-matrix gradients, before clipping (train._record_weight_grads)
             matrices = [stack.p[n].grad for n in self.dense]
             self._read("kernel_grad", self.dense_layers, matrices, self.dense_layout)
+        self._record_grads(sampled)  # before clipping: the gradient the update applies, as the watcher records it
+        views, t = stack.views(stack.grad), self.train_spec
+        clips = sampled and self.stats["clip"] and (t.clip_norm is not None or t.clip_value is not None)
+        before = norm(views, self.layout, members=True) if clips else None
         total = self.optimizer.clip_()
-        self._record_grads(sampled)
+        if before is not None:  # clip_ scaled the views in place: their norm now is after clipping
+            self._read("clip", self.names, before, norm(views, self.layout, members=True))
         if sampled:
             self._record_taps(taps, grads)
         before = stack.flat.clone() if sampled and (self.stats["weight"] or self.stats["update"]) else None
