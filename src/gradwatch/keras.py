@@ -8,9 +8,9 @@ weight change says little about the gradient. Records carry the Keras layer name
 statistic names as the PyTorch watcher (``stats.STATS``), so ``diagnose``, the Store and the report
 read a Keras fit exactly as they read a PyTorch run.
 
-Which backends give gradient norms (``GRADIENTS``): torch (autograd) and tensorflow (``GradientTape``,
-as Keras's own tensorflow ``train_step`` does). On jax and the others the callback records the weight
-change, weight norms and logs only, and its summary says so.
+Which backends give gradient norms (``GRADIENTS``): torch (autograd), tensorflow (``GradientTape``) and
+jax (``jax.grad``), as each backend's own ``train_step`` takes them. On numpy and openvino the callback
+records the weight change, weight norms and logs only, and its summary says so (verdict ``unknown``).
 """
 
 from __future__ import annotations
@@ -49,44 +49,85 @@ ADAPTIVE: dict[str, str] = {
 }
 
 
-def _loss(model: keras.Model, probe):
-    """The compiled loss on the probe batch in training mode, as ``fit`` computes it.
+def _loss(model: keras.Model, values: list, probe):
+    """The compiled loss on the probe batch in training mode, as fit's own step takes it, changing nothing.
 
     Training mode, because its gradient is the one the optimizer applies: in inference mode batch norm
     divides by moving statistics that lag the weights (momentum 0.99), and a batch-norm net that trains
-    well read vanishing at the start and exploding later. The state the forward pass updates (moving
-    statistics, dropout's seed) is put back, so measuring leaves ``fit``'s own training untouched.
+    well read vanishing at the start and exploding later. Through ``stateless_call`` and
+    ``stateless_compute_loss``: the forward reads ``values`` as the trainable weights (so ``jax.grad`` can
+    differentiate it), and the state it updates (batch-norm moving statistics, dropout's seed, the loss
+    tracker) is returned and dropped, so measuring leaves ``fit``'s own training untouched.
     """
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(probe)
-    state = [keras.ops.copy(v.value) for v in model.non_trainable_variables]
-    y_pred = model(x, training=True)
-    for variable, value in zip(model.non_trainable_variables, state, strict=True):
-        variable.assign(value)
-    return model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+    state = [v.value for v in model.non_trainable_variables]
+    y_pred, _ = model.stateless_call(values, state, x, training=True)
+    metrics = [v.value for v in model.metrics_variables]
+    loss, _ = model.stateless_compute_loss(values, state, metrics, x=x, y=y, y_pred=y_pred,
+                                           sample_weight=sample_weight, training=True)
+    return loss
+
+
+def _picked(model: keras.Model, variables: list, grads: list) -> list:
+    """The gradients of ``variables`` among those of all the model's trainable variables."""
+    index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    return [grads[index[id(v)]] for v in variables]
 
 
 def _torch_gradients(model: keras.Model, variables: list, probe) -> list[torch.Tensor]:
-    """``torch.autograd.grad`` of the loss: leaves ``.grad`` untouched, so fit's own step is unaffected."""
-    params = [v.value for v in variables]
-    with torch.enable_grad():
-        grads = torch.autograd.grad(_loss(model, probe), params, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)]
+    """``torch.autograd.grad`` of the loss: leaves ``.grad`` untouched, so fit's own step is unaffected.
+
+    Keras's unseeded torch dropout draws from torch's global generator: forked, so fit's masks stay its own.
+    """
+    values = [v.value for v in model.trainable_variables]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.enable_grad(), torch.random.fork_rng(devices):
+        grads = torch.autograd.grad(_loss(model, values, probe), values, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(values, grads, strict=True)]
+    return _picked(model, variables, grads)
 
 
 def _tensorflow_gradients(model: keras.Model, variables: list, probe) -> list[torch.Tensor]:
     """``GradientTape`` as in Keras's tensorflow ``train_step``; each gradient copied to the host once."""
     import tensorflow as tf
 
+    values = [tf.identity(v.value) for v in model.trainable_variables]
     with tf.GradientTape() as tape:
-        loss = _loss(model, probe)
-    grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return [torch.from_numpy(np.asarray(g)) for g in grads]
+        tape.watch(values)
+        loss = _loss(model, values, probe)
+    grads = tape.gradient(loss, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return [torch.from_numpy(np.array(g)) for g in _picked(model, variables, grads)]  # a writable copy
+
+
+def _jax_gradients(model: keras.Model, variables: list, probe) -> list[torch.Tensor]:
+    """``jax.grad`` of the loss as a function of the trainable weights, as Keras's jax ``train_step`` takes it."""
+    import jax
+
+    values = [v.value for v in model.trainable_variables]
+    grads = jax.grad(lambda vs: _loss(model, vs, probe))(values)
+    return [torch.from_numpy(np.array(g)) for g in _picked(model, variables, grads)]
 
 
 # Keras backend -> fn(model, variables, probe) -> one gradient per variable, as torch tensors.
-# jax is left out (a gradient there needs a stateless re-run of the model under jax.grad); numpy and
-# openvino have no autodiff.
-GRADIENTS = {"torch": _torch_gradients, "tensorflow": _tensorflow_gradients}
+# numpy and openvino have no autodiff.
+GRADIENTS = {"torch": _torch_gradients, "tensorflow": _tensorflow_gradients, "jax": _jax_gradients}
+
+
+def _check_probe(probe, model: keras.Model) -> None:
+    """Refuse a bad probe in one line that names it and what is expected, before fit's first step.
+
+    Keras's own error would come from inside the first probe, mid-``fit``, without naming the probe.
+    """
+    want = getattr(model, "input_shape", None) if model.built else None  # a subclassed model may not know it
+    allowed = f"allowed: (x, y) or (x, y, sample_weight), one row per example, x of shape {want or '(n, ...)'}"
+    if not isinstance(probe, (tuple, list)) or len(probe) not in (2, 3):
+        got = f"a {type(probe).__name__}" + (f" of {len(probe)}" if isinstance(probe, (tuple, list)) else "")
+        raise ValueError(f"probe: got {got}; {allowed}")
+    shapes = [tuple(a.shape) if hasattr(a, "shape") else np.shape(a) for a in probe]
+    width_ok = not isinstance(want, tuple) or (len(want) == len(shapes[0]) and all(
+        w in (None, g) for w, g in zip(want[1:], shapes[0][1:], strict=True)))
+    if len({s[:1] for s in shapes}) != 1 or not shapes[0] or not width_ok:
+        raise ValueError(f"probe: got shapes {', '.join(map(str, shapes))}; {allowed}")
 
 
 def _host(variable) -> torch.Tensor:
@@ -141,8 +182,9 @@ class GradWatch(keras.callbacks.Callback):
     def __init__(self, probe=None, every: int = 1, verbose: int = 1, store: Store | str | Path | None = None,
                  name: str = ""):
         super().__init__()
-        if every < 1:
-            raise ValueError(f"every: got {every}; allowed: >= 1")
+        if not isinstance(every, int) or every < 1:  # GradWatch(x, y) puts y here
+            shown = every if isinstance(every, int) else f"a {type(every).__name__}"
+            raise ValueError(f"every: got {shown}; allowed: an int >= 1 (the probe is GradWatch(probe=(x, y)))")
         self.probe, self.every, self.verbose, self.store, self.name = probe, every, verbose, store, name
         self.records = Records()
         self.status = "finished"
@@ -150,13 +192,18 @@ class GradWatch(keras.callbacks.Callback):
         self._initial: list[torch.Tensor] = []
         self._epoch, self._measured = -1, -1
         self._layouts: dict[tuple[str, torch.device], Layout] = {}
+        self._recorded: keras.Model | None = None  # the model the records are of
 
     # --- Keras events ---------------------------------------------------------------------------
     def on_train_begin(self, logs=None):
+        if self._recorded is not None and self._recorded is not self.model:  # a second model: start clean
+            self.records, self.status = Records(), "finished"
+        self._recorded = self.model
         self._layers, self._layouts = _kernel_layers(self.model), {}
         self._epoch, self._measured = -1, -1
         self._initial = [_host(layer.trainable_weights[k]) for _, layer, k in self._layers]
         if self.probe is not None:
+            _check_probe(self.probe, self.model)
             self._probe = keras.tree.map_structure(keras.ops.convert_to_tensor, self.probe)
         self._measure_gradients(self._step(), 0)
 
@@ -197,13 +244,15 @@ class GradWatch(keras.callbacks.Callback):
         self._measure_weights(step, epoch)
         self._measure_gradients(step, epoch)
 
-    def _record(self, step: int, epoch: int, values: dict[str, torch.Tensor]) -> None:
-        """One row per kernel layer of each entry in ``values`` (stat -> (L,))."""
+    def _record(self, step: int, epoch: int, values: dict[str, torch.Tensor], skip_nan: bool = False) -> None:
+        """One row per kernel layer of each entry in ``values`` (stat -> (L,)); ``skip_nan``: a NaN value
+        (the median % change of a kernel that starts at 0: it has no relative change) is left out."""
         if values:
             rows = torch.stack(list(values.values())).tolist()  # sync: once per measured epoch and point
             names = [name for name, _, _ in self._layers]
             for stat, row in zip(values, rows, strict=True):
-                self.records.add_layers(step, epoch, stat, names, row)
+                kept = [(n, v) for n, v in zip(names, row, strict=True) if not (skip_nan and math.isnan(v))]
+                self.records.add_layers(step, epoch, stat, [n for n, _ in kept], [v for _, v in kept])
 
     def _measure_weights(self, step: int, epoch: int) -> None:
         """The ``kernel`` entries of STATS on each kernel since the start of fit (the seed's measures), and
@@ -211,7 +260,7 @@ class GradWatch(keras.callbacks.Callback):
         weights = [[_host(v) for v in layer.trainable_weights] for _, layer, _ in self._layers]
         kernels = [ws[k] for ws, (_, _, k) in zip(weights, self._layers, strict=True)]
         lr = _number(self.model.optimizer.learning_rate)
-        self._record(step, epoch, read(at("kernel"), self._initial, kernels, lr))
+        self._record(step, epoch, read(at("kernel"), self._initial, kernels, lr), skip_nan=True)
         flat = [w for ws in weights for w in ws]
         self._record(step, epoch, read(at("weight"), flat, self._layout("layers", weights)))
 

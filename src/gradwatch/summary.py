@@ -46,7 +46,9 @@ def summarize(records: Records, status: str = "finished", **extra) -> dict:
     """The summary of a run whose records these are; ``extra`` (e.g. the first weights) joins it as given.
 
     ``grad_ratio_first_last`` is the first over the last Dense layer's weight-gradient norm at the
-    first step that has them (initialisation); ``steps`` the step of the last epoch's loss.
+    first step that has them (initialisation); ``steps`` the step of the last epoch's loss. Without any
+    (a Keras fit with no probe, or on a backend without autodiff) the verdict is ``unknown``: a NaN
+    ratio is no evidence of an explosion.
     """
     scalars, first, init, steps = _read(records)
     ratio = first_over_last(init)
@@ -56,5 +58,5 @@ def summarize(records: Records, status: str = "finished", **extra) -> dict:
         "grad_ratio_first_last": ratio,
         **extra,
         "steps": steps,
-        "verdict": verdict(ratio, status),
+        "verdict": verdict(ratio, status) if init or status == "diverged" else "unknown",
     }
