@@ -17,6 +17,8 @@ from typing import Literal, NoReturn
 import typer
 from rich.console import Console
 
+from gradwatch.cli.errors import click_errors, usage_line, user_error
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="See, diagnose and fix vanishing and exploding gradients.")
 console = Console(width=None if sys.stdout.isatty() else 160)  # pipes and logs get whole tables
@@ -326,54 +328,6 @@ def _print_run(run, findings) -> None:
         print_rows("gradient norm per layer at the first step",
                    [{"layer": k, "grad_norm": v} for k, v in first.items()])
     print_findings(findings, run)
-
-
-def click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
-    """(ClickException, Abort) classes of every click that can be in play.
-
-    typer >= 0.20 bundles its own copy of click (``typer._click``, with ``Abort`` in ``typer.exceptions``),
-    whose exceptions are not the installed click's: an ``except click.ClickException`` alone never matches.
-    """
-    import importlib
-
-    found: dict[str, list[type]] = {"ClickException": [], "Abort": []}
-    for name in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        for kind, classes in found.items():
-            if hasattr(module, kind):
-                classes.append(getattr(module, kind))
-    return tuple(found["ClickException"]), tuple(found["Abort"])
-
-
-def usage_line(exc) -> str:
-    """click's usage error as one line: what was wrong, and where the allowed forms are."""
-    ctx = getattr(exc, "ctx", None)
-    message = " ".join(exc.format_message().split())
-    if ctx is None:  # not a usage error (click's FileError, say): its message alone
-        return message
-    where = ctx.command_path
-    if type(exc).__name__ == "NoArgsIsHelpError":  # `gradwatch` alone: click's message is the whole help
-        commands = ", ".join(sorted(ctx.command.list_commands(ctx)))
-        return f"{where}: got no command; allowed: {commands} (see {where} --help)"
-    return f"{where}: {message} (see {where} --help)"
-
-
-def user_error(exc: BaseException) -> str | None:
-    """The one line a user mistake prints, or None for a bug (which keeps its traceback)."""
-    import sqlite3
-
-    from gradwatch.spec import SpecError
-
-    if isinstance(exc, SpecError | KeyError):
-        return str(exc.args[0]) if exc.args else type(exc).__name__
-    if isinstance(exc, OSError):
-        return f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
-    if isinstance(exc, sqlite3.DatabaseError):
-        return f"store: {str(exc).splitlines()[0]}; allowed: a gradwatch SQLite store (--store or $GRADWATCH_STORE)"
-    return None
 
 
 def main() -> None:
