@@ -87,9 +87,11 @@ class Watcher:
         self._probes = Probes([(name or "model", m) for name, m in modules], {n: i for i, n in enumerate(self._names)})
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return  # only rank 0 watches: gradients are all-reduced, so every rank would record the same
-        if not driven:  # a parameter frozen now has no hook; its gradient is read with the others' once unfrozen
-            self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params
-                             if p.requires_grad]
+        if not driven:  # one hook per layer, on its first trainable parameter: any layer that gets a gradient
+            # queues the read of all of them (a frozen one's too, once unfrozen). A hook costs ~9 us a step:
+            # 44 no-op hooks made a 17.8 ms MLP step 2.1% slower, one per layer halves that
+            firsts = [next((p for p in ps if p.requires_grad), None) for _, ps in self._layers]
+            self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in firsts if p is not None]
         if self.optimizer is None:
             warnings.warn(NO_OPTIMIZER, stacklevel=3)
         else:  # weights old (the update's gradient is committed here unless driven); then weights new
