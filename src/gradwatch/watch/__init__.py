@@ -235,10 +235,9 @@ class Watcher:
         ends = list(accumulate(len(names) for *_, names in rows))
         # a step the scaler skipped keeps only its scaler rows: its Inf gradient never reached the weights
         skipped = {r[0] for r, end in zip(rows, ends, strict=True) if r[2] in self._scaler and flat[end - 1] > 0}
-        clips = at("clip")
         for (step, epoch, stat, names), end in zip(rows, ends, strict=True):
             row = flat[end - len(names) : end]
-            if (step in skipped and stat not in self._scaler) or (stat in clips and set(row) == {1.0}):
+            if (step in skipped and stat not in self._scaler) or (stat in self._reads.clips and set(row) == {1.0}):
                 continue  # a clip factor of exactly 1 everywhere: nothing was clipped
             self.records.add_layers(step, epoch, stat, names, row)
             if stat in proofs and self._unchecked and self._unchecked[0] == step:
