@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from gradwatch import stats
 from gradwatch.diagnose import REMEDIES
 from gradwatch.doctor import Prescription, Treatment, prescribe
 from gradwatch.keras import GradWatch
@@ -26,7 +27,7 @@ from gradwatch.spec import SpecError
 
 __all__ = ["KERAS_TREATMENTS", "Recipe", "doctor"]
 
-SATURATING = ("sigmoid", "tanh")
+SATURATING = tuple(kind.lower() for kind in stats.SATURATING)  # Keras names them sigmoid, tanh
 PROBE = 256  # samples in GradWatch's probe batch: the gradient norms the diagnosis reads
 
 Change = Callable[[dict], dict]  # a layer's or the optimizer's config -> the treated config

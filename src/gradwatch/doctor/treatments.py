@@ -15,9 +15,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from gradwatch import stats
+
 Surgery = Callable[[nn.Module, Tensor], None]  # in place, given an input batch
 LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-SATURATING = (nn.Sigmoid, nn.Tanh)
+SATURATING = tuple(getattr(nn, kind) for kind in stats.SATURATING)  # the modules saturated_frac watches
 PASS_THROUGH = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.PReLU, nn.SELU,
                 nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.Dropout)  # may follow a layer inside a block
 
