@@ -239,3 +239,51 @@ def test_every_threshold_is_read_by_a_rule():
     (0.3, "diverged", "exploding"), (math.nan, "finished", "unknown")])
 def test_verdict_rule(ratio, status, word):
     assert verdict(ratio, status) == word
+
+
+def test_an_init_too_large_for_relu_is_exploding_in_its_signal_and_outputs():
+    torch.manual_seed(0)  # He init x 2.5: every layer multiplies by ~2.5 both ways; the weight gradients stay balanced
+    records = fit(mlp([2] + [32] * 12 + [1], init=lambda m: nn.init.kaiming_normal_(m.weight).data.mul_(2.5)),
+                  steps=150)
+    (found,) = [f for f in diagnose(records) if f.kind == "exploding"]
+    assert found.evidence["signal_ratio_first_last"] > THRESHOLDS["exploding_signal"][0]
+    assert found.remedies[0].name == "he_init"
+
+
+def test_glorot_bengio_net_under_adam_is_vanishing_from_its_start_while_slow():
+    torch.manual_seed(0)  # Adam rebalances the layers within steps; the net stays at most of its first loss
+    records = fit(mlp([2] + [256] * 5 + [1], act=nn.Sigmoid, init=_old_standard), steps=300, lr=1e-4)
+    loss = [v for *_, s, v in records.rows if s == "loss"]
+    assert loss[-1] > 0.5 * loss[0]
+    assert "vanishing" in {f.kind for f in diagnose(records)}
+
+
+class _Sequence(nn.Module):
+    """A user's fused recurrent layer over the adding problem, read out at the last step."""
+
+    def __init__(self, cell: type, gain: float):
+        super().__init__()
+        self.rnn, self.out = cell(2, 32, batch_first=True), nn.Linear(32, 1)
+        with torch.no_grad():
+            self.rnn.weight_hh_l0.mul_(gain)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize(("cell", "gain", "expected"), [(nn.RNN, 0.3, {"vanishing_in_time"}), (nn.GRU, 1.0, set())])
+def test_a_fused_rnn_vanishes_through_time_and_its_gated_twin_does_not(cell, gain, expected):
+    torch.manual_seed(0)
+    data = load(Spec().replace(**{**ADDING, "model.kind": "rnn"}).data)
+    model = _Sequence(cell, gain)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with watch(model, opt, every=5) as w:
+        for step in range(120):
+            batch = torch.arange(step * 32, step * 32 + 32) % len(data.x_train)
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(data.x_train[batch]), data.y_train[batch])
+            loss.backward()
+            opt.step()
+            if (step + 1) % 10 == 0:
+                w.log(epoch=step // 10, loss=loss.item())
+    assert {f.kind for f in diagnose(w.records)} == expected

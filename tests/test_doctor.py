@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gradwatch.data import load
-from gradwatch.doctor import doctor, final_loss
+from gradwatch.doctor import FINALISTS, doctor, final_loss
 from gradwatch.doctor.patients import from_spec
 from gradwatch.doctor.treatments import ReZero, residual
 from gradwatch.nets import build
@@ -31,19 +31,24 @@ def test_deep_sigmoid_net_is_treated_by_what_fixes_vanishing_first(deep_sigmoid)
     assert rx.treatments[0].name in {"relu_he", "batch_norm", "residual"}
     best = rx.treatments[0]
     assert best.loss < 0.5 * rx.untreated.loss and "vanishing" not in best.kinds
-    assert [t.loss for t in rx.treatments] == sorted(t.loss for t in rx.treatments)
+    measured, screened = rx.treatments[:FINALISTS], rx.treatments[FINALISTS:]
+    assert [t.loss for t in measured] == sorted(t.loss for t in measured) and all(len(t.losses) == 2 for t in measured)
+    assert screened and all(not t.losses and t.screened == t.loss for t in screened)  # successive halving
+    assert [t.screened for t in screened] == sorted(t.screened for t in screened)
     assert best.ratio("grad_norm") > 1e3 * rx.untreated.ratio("grad_norm")  # the evidence moved, not only the loss
     assert "fewer_layers" in rx.untried  # named, with why, never silently dropped
     text = str(rx)
-    assert "untreated" in text and best.name in text and "not tried: fewer_layers" in text
+    assert "untreated" in text and best.name in text and "not tried: fewer_layers" in text and "screened out" in text
 
 
 @pytest.mark.parametrize("rank", [0, -1])
 def test_build_reproduces_the_trial_loss_in_a_plain_loop(deep_sigmoid, rank):
+    """The best treatment's loss on seed 1; the last one, screened out, its screening loss (seed 0, a quarter)."""
     treatment = deep_sigmoid.treatments[rank]
-    model, optimizer, clip_norm = treatment.build(seed=1)
+    seed, steps, expected = (1, STEPS, treatment.losses[1]) if treatment.losses else (0, STEPS // 4, treatment.screened)
+    model, optimizer, clip_norm = treatment.build(seed=seed)
     losses = []
-    for x, y in deep_sigmoid.batches(1):
+    for x, y in deep_sigmoid.batches(seed)[:steps]:
         optimizer.zero_grad()
         loss = nn.functional.binary_cross_entropy_with_logits(model(x), y)
         loss.backward()
@@ -51,7 +56,7 @@ def test_build_reproduces_the_trial_loss_in_a_plain_loop(deep_sigmoid, rank):
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
         optimizer.step()
         losses.append(loss.item())
-    assert final_loss(losses) == pytest.approx(treatment.losses[1], abs=1e-5)
+    assert final_loss(losses) == pytest.approx(expected, abs=1e-5)
 
 
 def test_healthy_model_has_nothing_to_treat():
@@ -159,3 +164,22 @@ def test_surgeries_keep_the_model_runnable_and_do_what_they_say():
     lstm = nn.LSTM(2, 8)
     TREATMENTS["forget_bias"](Plan(), lstm).surgeries[0](lstm, x)
     assert (lstm.bias_ih_l0[8:16] == 1).all() and (lstm.bias_hh_l0[8:16] == 0).all()
+
+
+def test_a_rate_100x_too_small_is_treated_by_the_range_tests_second_decade():
+    spec = Spec().replace(**{"model.activation": "relu", "model.init": "he_normal", "model.depth": 2,
+                             "model.width": 32, "train.learning_rate": 1e-5})
+    rx = doctor(*from_spec(spec), steps=STEPS, seeds=1)
+    assert [f.kind for f in rx.findings] == ["lr_too_small"]
+    assert rx.treatments[0].name == "much_higher_lr"  # x10 is measured too, and is not enough
+    assert rx.treatments[0].loss < 0.5 * rx.untreated.loss < [t for t in rx.treatments if t.name == "higher_lr"][0].loss
+
+
+def test_an_exploding_rnn_and_one_vanishing_through_time_get_the_recurrent_cures():
+    adding = {"data.name": "adding", "data.seq_len": 20, "data.n_samples": 200, "model.width": 16,
+              "model.output_activation": "linear", "model.kind": "rnn", "model.activation": "tanh",
+              "model.init": "orthogonal"}
+    for gain, kind in ((0.3, "vanishing_in_time"), (3.0, "exploding")):
+        rx = doctor(*from_spec(Spec().replace(**adding, **{"model.init_gain": gain})), steps=60, seeds=1)
+        assert kind in {f.kind for f in rx.findings}
+        assert {"gated_rnn", "orthogonal_init"} <= {t.name for t in rx.treatments}

@@ -89,15 +89,6 @@ def test_residual_adds_the_block_input():
     assert torch.allclose(model(x), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
-def test_recurrent_nets_keep_every_hidden_state_for_temporal_gradients(kind):
-    model = build(ModelSpec(kind=kind, width=8), 2, 1)
-    model.keep_states = True
-    model(torch.randn(5, 7, 2)).sum().backward()
-    assert len(model.states) == 7
-    assert all(h.grad is not None and h.grad.shape == (5, 8) for h in model.states)
-
-
 def test_sigma_w2_and_sigma_b2_set_the_mean_field_scale():
     spec = ModelSpec(depth=2, width=FAN_IN, init="lecun_normal", sigma_w2=1.76, sigma_b2=0.05, bias_init=0.5)
     torch.manual_seed(0)

@@ -356,3 +356,45 @@ def test_outputs_frame_and_run():
     assert list(frame.columns) == ["run", "step", "epoch", "layer", "stat", "value"]
     assert set(frame[frame.stat == "loss"].epoch) == {0, 1}
     assert len(w.run(name="mine").records) == len(frame)
+
+
+def _state_rows(w) -> list[float]:
+    return [r[4] for r in w.records.rows if r[3] == "state_grad_norm"]
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm", "gru"])
+def test_an_unrolled_cell_records_dl_dh_t_at_every_time_step(kind):
+    from gradwatch.nets import build
+    from gradwatch.spec import ModelSpec
+
+    torch.manual_seed(0)
+    model, x = build(ModelSpec(kind=kind, width=8), 2, 1), torch.randn(5, 7, 2)
+    states, h = [], None  # the reference: the same unrolled loop with every h_t kept
+    for t in range(7):
+        h = model.cell(x[:, t], h)
+        states.append(h[0] if kind == "lstm" else h)
+        states[-1].retain_grad()
+    model.out(states[-1]).sum().backward()
+    expected = [s.grad.norm().item() for s in states]
+    model.zero_grad()
+    with watch(model, torch.optim.SGD(model.parameters(), lr=0.0), every=1) as w:
+        model(x).sum().backward()
+        w.optimizer.step()
+    assert _state_rows(w) == pytest.approx(expected, rel=1e-5)
+    assert [r[2] for r in w.records.rows if r[3] == "state_grad_norm"] == [f"t{t}" for t in range(7)]
+
+
+def test_a_fused_rnn_records_the_signal_reaching_each_input_step():
+    torch.manual_seed(0)
+    rnn, out = nn.RNN(2, 8, batch_first=True), nn.Linear(8, 1)
+    model = nn.Sequential()
+    model.rnn, model.out = rnn, out
+    model.forward = lambda x: out(rnn(x)[0][:, -1])
+    x = torch.randn(5, 7, 2, requires_grad=True)
+    model(x).sum().backward()
+    expected = x.grad.norm(dim=(0, 2)).tolist()
+    with watch(model, torch.optim.SGD(model.parameters(), lr=0.0), every=1) as w:
+        model(x.detach()).sum().backward()
+        w.optimizer.step()
+    assert _state_rows(w) == pytest.approx(expected, rel=1e-5)
+    assert expected[0] < expected[-1]  # the signal fades toward the sequence's start

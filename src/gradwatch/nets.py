@@ -136,9 +136,9 @@ CELLS = {"rnn": nn.RNNCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}
 class Recurrent(nn.Module):
     """One recurrent ``cell`` unrolled step by step, then Dense ``out`` on the last hidden state.
 
-    Unrolling by hand (instead of ``nn.RNN``) keeps every hidden state h_t in the graph, so
-    ``states`` can report dL/dh_t for each t: the temporal gradient-flow picture of Pascanu et al.
-    (2013). ``init_gain`` scales the recurrent weights, the knob that makes an RNN explode.
+    Unrolling by hand (instead of ``nn.RNN``) keeps every hidden state h_t in the graph, so the
+    watcher reads dL/dh_t for each t (the ``state_signal`` entries): the temporal gradient-flow
+    picture of Pascanu et al. (2013). ``init_gain`` scales the recurrent weights, the knob that makes an RNN explode.
     """
 
     def __init__(self, spec: ModelSpec, n_in: int, n_out: int):
@@ -155,19 +155,12 @@ class Recurrent(nn.Module):
                 for bias in (self.cell.bias_ih, self.cell.bias_hh):
                     bias[spec.width : 2 * spec.width] = 0.5
         self.out = nn.Linear(spec.width, n_out)
-        self.keep_states = False
-        self.states: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, F)
         h = None
-        self.states = []
         for t in range(x.shape[1]):
             h = self.cell(x[:, t], h)
-            hidden = h[0] if self.kind == "lstm" else h
-            if self.keep_states and hidden.requires_grad:
-                hidden.retain_grad()
-                self.states.append(hidden)
-        return self.out(hidden)
+        return self.out(h[0] if self.kind == "lstm" else h)
 
 
 def build(spec: ModelSpec, n_in: int, n_out: int) -> nn.Module:

@@ -31,7 +31,7 @@ POINTS = {
     "kernel_grad": "fn(grads, layout, members): each Dense layer's weight-matrix gradient alone (biases left "
                    "out), on each epoch's first batch: the seed's and AUTOTRAINER's measure",
     "state_signal": "fn(grads, layout, members): dL/dh_t of a recurrent net's hidden state at each time step t "
-                    "(Pascanu et al. 2013), on one batch per epoch",
+                    "(Pascanu et al. 2013; a fused nn.RNN/GRU/LSTM: dL/dx_t), layers t0 .., on sampled steps",
     "kernel": "fn(start, now, lr, members): each Dense layer's weight matrix at the start of training and now, "
               "once per epoch: the seed notebook's measures",
     "clip": "fn(before, after, members): each layer's gradient L2 norm (``norm``) before clipping and after it, "
@@ -40,7 +40,7 @@ POINTS = {
 }
 EVERY_STEP = ("grad", "scaler")  # points read at every update: no module hook is needed there
 LAYERED = ("grad", "weight", "output", "signal", "kernel_grad", "state_signal")  # fn(tensors, layout, members)
-PER_EPOCH = ("kernel_grad", "state_signal", "kernel")  # points read once per epoch, whatever ``every_step``
+PER_EPOCH = ("kernel_grad", "kernel")  # points read once per epoch, whatever ``every_step``
 
 
 @dataclass(frozen=True)

@@ -91,13 +91,10 @@ class Training:
         for batch in torch.randperm(len(data.x_train), generator=self.order).split(spec.train.batch_size):
             self.optimizer.zero_grad()
             first = not losses
-            if first and hasattr(model, "keep_states"):
-                model.keep_states = True  # one batch per epoch keeps h_t for dL/dh_t
             loss = self.loss_fn(model(data.x_train[batch]), data.y_train[batch])
             loss.backward()
             if first:
                 self._record_weight_grads()
-                self._record_state_grads()
             totals.append(clip_(spec, model.parameters()))
             self.optimizer.step()
             losses.append(loss.detach())
@@ -131,19 +128,6 @@ class Training:
         grads = [p.grad for p in self.dense.values()]
         if all(g is not None for g in grads):
             self._record("kernel_grad", list(self.dense), grads, self.dense_layout)
-
-    def _record_state_grads(self) -> None:
-        """The ``state_signal`` entries: dL/dh_t at every time step t of a recurrent net (layers ``t0`` ..).
-
-        The temporal gradient-flow picture of Pascanu et al. (2013): how much of the loss's signal
-        reaches each earlier step.
-        """
-        states = getattr(self.model, "states", None)
-        if not states or states[0].grad is None:
-            return
-        grads = [h.grad for h in states]
-        self.model.keep_states, self.model.states = False, []
-        self._record("state_signal", [f"t{t}" for t in range(len(grads))], grads, Layout.of([[g] for g in grads]))
 
     @torch.no_grad()
     def _record_kernels(self) -> None:

@@ -37,16 +37,19 @@ class Evidence:
         out = {layer: finite_median(self.values(stat, layer)) for layer in self.layers(stat)}
         return {layer: v for layer, v in out.items() if math.isfinite(v)}
 
-    def ratios(self, stat: str) -> dict[str, float]:
+    def ratios(self, stat: str, at_start: bool = False) -> dict[str, float]:
         """layer -> median over steps of its ``stat`` divided by the last layer's at the same step.
 
         Only steps where the last layer's value is finite and above zero count; a last layer that
-        never gets a gradient leaves this empty (``silent`` names it instead).
+        never gets a gradient leaves this empty (``silent`` names it instead). ``at_start``: the
+        first such step alone, the net as initialised (the seed's and AUTOTRAINER's moment).
         """
         names = self.layers(stat)
         if len(names) < 2:
             return {}
         last = {s: v for s, v in self.table[stat][names[-1]] if math.isfinite(v) and v > 0}
+        if at_start and last:
+            last = {min(last): last[min(last)]}
         out = {}
         for name in names[:-1]:
             per_step = [v / last[s] for s, v in self.table[stat][name] if s in last and math.isfinite(v)]

@@ -21,6 +21,9 @@ THRESHOLDS: dict[str, tuple[float, str]] = {
     "vanishing_ratio": (1e-3, "AUTOTRAINER (ICSE 2021): ||g_first||/||g_last|| < 1e-3; we take the median over "
                               "steps, of the weight gradients and of the backpropagated signal dL/d(output)"),
     "exploding_ratio": (70.0, "AUTOTRAINER: ||g_first||/||g_last|| > 70; also between time steps (Pascanu 2013)"),
+    "exploding_signal": (70.0, "AUTOTRAINER's 70, on the backpropagated signal dL/d(output) first/last, counted only "
+                               "where each layer's output also grows that much toward the output (act_rms last/first): "
+                               "a ratio that grows with depth both ways (He et al. 2015's gain above 1)"),
     "exploding_growth": (10.0, "ours, after Pascanu et al. 2013: the whole gradient norm's median in the run's last "
                                "quarter is 10x the third quarter's while the loss did not fall: growth that has not "
                                "stopped, not a net leaving its initial plateau"),
@@ -80,7 +83,8 @@ SENTENCES = {
                  "backpropagated signal {backprop_ratio_first_last:.1e} (median over steps)",
     "vanishing_in_time": "the gradient reaching the first time step is {time_ratio_first_last:.1e} of the last's",
     "exploding": "the first/last weight-gradient ratio is {grad_ratio_first_last:.3g} (through time "
-                 "{time_ratio_first_last:.3g}); the gradient norm grew {late_growth:.3g}x in the last quarter",
+                 "{time_ratio_first_last:.3g}, backpropagated signal as the outputs grow "
+                 "{signal_ratio_first_last:.3g}); the gradient norm grew {late_growth:.3g}x in the last quarter",
     "saturation": "up to {saturated_frac:.0%} of sigmoid/tanh outputs sit within 1% of a bound, where the slope is ~0",
     "dying_relu": "up to {dead_frac:.0%} of ReLU units output 0 for every example, so they get no gradient",
     "plateau": "the loss moved {relative_change:.2%} over the last {epochs:.0f} logs and sits at {loss:.3f} "
@@ -101,6 +105,8 @@ REMEDIES: dict[str, str] = {
     "leaky_relu": "Leaky ReLU / PReLU / ELU keep a gradient for negative inputs, so units cannot die",
     "lower_lr": "a lower learning rate stops one large step from pushing units dead or weights to overflow",
     "higher_lr": "a higher learning rate: the updates are too small to move the loss within the budget",
+    "much_lower_lr": "a learning rate 100x lower: the second decade of a range test (Smith 2017)",
+    "much_higher_lr": "a learning rate 100x higher: the second decade of a range test (Smith 2017)",
     "adam": "Adam scales each step by the gradient's running RMS, so small gradients still move the weights",
     "clip_norm": "clip the gradient norm (Pascanu et al. 2013): bounds each step without changing its direction",
     "orthogonal_init": "orthogonal init keeps the Jacobian's singular values near 1 (Saxe et al. 2014)",
@@ -117,14 +123,14 @@ def _remedies(*names: str) -> list[Remedy]:
 Result = list[Finding] | str  # findings, or what could not be measured
 
 
-def _depth_ratios(ev: Evidence) -> tuple[dict[str, float], dict[str, float]]:
+def _depth_ratios(ev: Evidence, at_start: bool = False) -> tuple[dict[str, float], dict[str, float]]:
     """Per-layer ratios to the last layer: weight gradients (the seed's Dense weights where recorded), signal.
 
     An unrolled cell's signal is its first time step's (the watcher hooks a module's first call), a
     measure through time: where dL/dh_t is recorded, the time rules read that instead.
     """
-    weights = ev.ratios("weight_grad_norm") or ev.ratios("grad_norm")
-    return weights, {} if ev.layers("state_grad_norm") else ev.ratios("backprop_norm")
+    weights = ev.ratios("weight_grad_norm", at_start) or ev.ratios("grad_norm", at_start)
+    return weights, {} if ev.layers("state_grad_norm") else ev.ratios("backprop_norm", at_start)
 
 
 def _first(ratios: dict[str, float]) -> float:
@@ -137,7 +143,7 @@ def non_finite(ev: Evidence) -> Result:
         return []
     layers, step = bad
     return [Finding("non_finite", layers, {"first_step": step}, "high",
-                    _remedies("check_data", "clip_norm", "lower_lr"))]
+                    _remedies("check_data", "clip_norm", "lower_lr", "much_lower_lr"))]
 
 
 def no_gradient(ev: Evidence) -> Result:
@@ -150,12 +156,23 @@ def no_gradient(ev: Evidence) -> Result:
                     _remedies("he_init", "leaky_relu", "residual"))]
 
 
+def _smallest(*values: float) -> float:
+    return min(values, key=lambda v: v if math.isfinite(v) else math.inf)
+
+
 def vanishing(ev: Evidence) -> Result:
+    """A first/last ratio below the threshold over the run, or at the start where the loss then kept
+    more than half its first value: an adaptive optimizer can rebalance the layers' gradients within
+    a few steps (Adam divides by each weight's own RMS) while the net stays slow (Glorot & Bengio
+    2010's sigmoid MLP: 3e-5 at the first step, ~2e-3 over the run, the loss at 72% of its start)."""
     weights, signal = _depth_ratios(ev)
     if not weights and not signal:
         return "first/last gradient ratio: fewer than two layers with a nonzero gradient"
     low = _t("vanishing_ratio")
-    worst = min(_first(weights), _first(signal), key=lambda v: v if math.isfinite(v) else math.inf)
+    worst = _smallest(_first(weights), _first(signal))
+    if not worst < low and _kept(ev) >= _t("slow_progress"):
+        weights, signal = _depth_ratios(ev, at_start=True)
+        worst = _smallest(_first(weights), _first(signal))
     if not worst < low:
         return []
     weak = [n for n, r in {**weights, **signal}.items() if r < low]
@@ -199,26 +216,41 @@ def _late_growth(ev: Evidence) -> float:
     return finite_median(norms[-quarter:]) / before if before > 0 else 1.0
 
 
-def exploding(ev: Evidence) -> Result:
-    """Weight gradients that grow toward the input or back through time, or a gradient norm still growing.
+def _amplified(ev: Evidence, at_start: bool = False) -> float:
+    """The backpropagated signal's first/last ratio where the forward pass grows as much, else nan.
 
-    The backpropagated signal is left out here: batch norm divides it by each layer's spread, so a
-    healthy batch-norm net shows a signal ratio of hundreds while its weight gradients stay balanced.
+    A net whose every layer multiplies by more than 1 grows both ways: its outputs toward the loss and
+    its signal toward the input, while the weight gradients (their product) stay balanced. Batch
+    norm grows the signal alone (it divides by each layer's spread), so it is not counted. ``at_start``:
+    as initialised, before an adaptive optimizer shrinks the weights back (the run's median can hide it).
+    """
+    signal, outputs = _first(ev.ratios("backprop_norm", at_start)), ev.ratios("act_rms", at_start)
+    forward = 1 / _first(outputs) if _first(outputs) > 0 else math.nan  # last layer's over the first's
+    return signal if forward > _t("exploding_signal") else math.nan
+
+
+def exploding(ev: Evidence) -> Result:
+    """Gradients that grow toward the input (weights, or the signal as the outputs grow too) or back through
+    time, or a gradient norm still growing. Through time or in a recurrent net the gates and the
+    recurrent matrix are the cure; in a feed-forward net the init's scale is.
     """
     weights = ev.ratios("weight_grad_norm") or ev.ratios("grad_norm")
     over_time = ev.ratios("state_grad_norm")
     if not weights and not over_time:
         return "first/last gradient ratio: fewer than two layers with a nonzero gradient"
     growth = _late_growth(ev)
+    amplified = _amplified(ev)
     evidence = {"grad_ratio_first_last": _first(weights), "time_ratio_first_last": _first(over_time),
+                "signal_ratio_first_last": amplified if math.isfinite(amplified) else _amplified(ev, at_start=True),
                 "late_growth": growth}
     high = _t("exploding_ratio")
-    ratios = [v for v in (evidence["grad_ratio_first_last"], evidence["time_ratio_first_last"]) if math.isfinite(v)]
+    ratios = [v for k, v in evidence.items() if k != "late_growth" and math.isfinite(v)]
     if not (max(ratios, default=0.0) > high or growth > _t("exploding_growth")):
         return []
     big = [n for n, r in {**weights, **over_time}.items() if r > high]
-    return [Finding("exploding", big, evidence, "high", _remedies("clip_norm", "orthogonal_init", "lower_lr",
-                                                                 "gated_rnn"))]
+    cure = (("orthogonal_init", "gated_rnn", "clip_norm", "lower_lr") if over_time else
+            ("he_init", "lsuv", "clip_norm", "lower_lr", "orthogonal_init"))
+    return [Finding("exploding", big, evidence, "high", _remedies(*cure))]
 
 
 def _kept(ev: Evidence) -> float:
@@ -293,12 +325,12 @@ def lr_too_small(ev: Evidence) -> Result:
     if not updates:
         return "update/weight ratio: not recorded (watch() without the optimizer)"
     weights, signal = _depth_ratios(ev)
-    vanished = min(_first(weights), _first(signal), key=lambda v: v if math.isfinite(v) else math.inf)
+    vanished = _smallest(_first(weights), _first(signal))
     largest, kept = max(updates.values()), _kept(ev)
     if largest >= _t("update_small") or kept < _t("slow_progress") or vanished < _t("vanishing_ratio"):
         return []  # small updates from a vanishing gradient are the vanishing finding's
     return [Finding("lr_too_small", [], {"update_ratio": largest, "kept": kept}, "medium",
-                    _remedies("higher_lr", "adam"))]
+                    _remedies("higher_lr", "much_higher_lr", "adam"))]
 
 
 def lr_too_large(ev: Evidence) -> Result:
@@ -312,7 +344,7 @@ def lr_too_large(ev: Evidence) -> Result:
     if swing < _t("oscillation_swing") or zigzag < _t("oscillation_zigzag") or _kept(ev) < _t("converged"):
         return []
     return [Finding("lr_too_large", [], {"swing": swing, "zigzag": zigzag}, "medium",
-                    _remedies("lower_lr", "clip_norm", "batch_norm"))]
+                    _remedies("lower_lr", "much_lower_lr", "clip_norm", "batch_norm"))]
 
 
 # kind -> rule(evidence) -> findings or what it could not measure; removing one makes a test fail

@@ -3,10 +3,13 @@
 The untreated model trains for a short budget from a few seeds, watched as any user's loop would be
 (``gradwatch.watch``); its findings (those most seeds agree on) propose treatments, each a change in
 ``TREATMENTS``; every treatment trains from the same seeds on the same batches, and the treatments
-are ranked by the final loss they reach. Repair tools before it (AUTOTRAINER, ICSE 2021; DeepDiagnosis,
-ICSE 2022) apply fixes in a fixed order; Kim et al. (ICST 2023) found a random choice of repair does as
-well as them. Here every claim is a measurement on the user's model, and ``t.build()`` hands over
-the treated model, its optimizer and its clip norm to reproduce it in the user's own loop.
+are ranked by the final loss they reach. Where more than ``FINALISTS`` are proposed, all of them
+are first screened on one seed for a quarter of the steps and only the best go on to every seed
+and the whole budget: successive halving (Jamieson & Talwalkar 2016; Hyperband, Li et al. 2017).
+Repair tools before it (AUTOTRAINER, ICSE 2021; DeepDiagnosis, ICSE 2022) apply fixes in a fixed
+order; Kim et al. (ICST 2023) found a random choice of repair does as well as them. Here every claim
+is a measurement on the user's model, and ``t.build()`` hands over the treated model, its optimizer
+and its clip norm to reproduce it in the user's own loop.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ __all__ = ["TREATMENTS", "Prescription", "Treatment", "doctor", "final_loss", "p
 
 LOGS = 20  # loss logs per trial: enough for the loss rules' 10-log window
 EVERY = 10  # the watcher's sampled-step cadence in a trial
+FINALISTS = 2  # treatments measured on every seed and the whole budget; the rest are screened out
+SCREEN = 4  # a screening trial runs 1/SCREEN of the steps, on the first seed
 
 
 def schedule(data, steps: int, seed: int, batch_size: int = 32) -> list[tuple[Tensor, Tensor]]:
@@ -98,12 +103,14 @@ class Treatment:
     plan: Plan
     losses: list[float] = field(default_factory=list)  # final loss per seed
     found: list[Diagnosis] = field(default_factory=list)  # per seed
+    screened: float = math.nan  # the screening trial's final loss (first seed, 1/SCREEN of the steps)
     _make: Callable[[], nn.Module] | None = None
     _first_batch: Callable[[int], Tensor] | None = None
 
     @property
     def loss(self) -> float:
-        return statistics.median(self.losses)
+        """The median final loss over seeds; a treatment screened out has only its screening loss."""
+        return statistics.median(self.losses) if self.losses else self.screened
 
     @property
     def kinds(self) -> list[str]:
@@ -150,14 +157,23 @@ class Prescription:
     batches: Callable[[int], list] = field(repr=False, default=lambda seed: [])
 
     def rows(self) -> list[dict]:
-        """One row per trial, untreated first then best first: the table ``print`` shows and the report draws."""
+        """One row per trial, untreated first then best first: the table ``print`` shows and the report draws.
+
+        A treatment screened out shows its screening loss only: beside the whole budget's it compares nothing.
+        """
         kinds = {f.kind for f in self.findings}
-        return [{"#": str(rank or "-"), "treatment": t.name,
-                 "final loss (min-max)": f"{t.loss:.3g} ({min(t.losses):.3g}-{max(t.losses):.3g})",
-                 "vs untreated": _change(t.loss, self.untreated.loss) if rank else "",
-                 "grad ratio": f"{t.ratio('grad_norm'):.2g}", "signal ratio": f"{t.ratio('backprop_norm'):.2g}",
-                 "clears": ", ".join(sorted(kinds - set(t.kinds))) if rank else "", "still": ", ".join(t.kinds) or "-"}
-                for rank, t in enumerate([self.untreated, *self.treatments])]
+        rows = []
+        for rank, t in enumerate([self.untreated, *self.treatments]):
+            measured = bool(t.losses)
+            rows.append({
+                "#": str(rank or "-"), "treatment": t.name,
+                "final loss (min-max)": f"{t.loss:.3g} ({min(t.losses):.3g}-{max(t.losses):.3g})" if measured
+                else f"{t.screened:.3g} (screened out: seed 0, {self.steps // SCREEN} steps)",
+                "vs untreated": _change(t.loss, self.untreated.loss) if rank and measured else "",
+                "grad ratio": f"{t.ratio('grad_norm'):.2g}", "signal ratio": f"{t.ratio('backprop_norm'):.2g}",
+                "clears": ", ".join(sorted(kinds - set(t.kinds))) if rank and measured else "",
+                "still": (", ".join(t.kinds) or "-") if measured else ""})
+        return rows
 
     def __str__(self) -> str:
         head = f"gradwatch doctor: {self.seeds} seed(s) x {self.steps} steps, {self.seconds:.1f} s"
@@ -233,7 +249,7 @@ def _pool(workers: int | None, *picklable) -> ProcessPoolExecutor | None:
 
 def doctor(make_model: Callable[[], nn.Module], data, loss_fn: Callable, optimizer: Callable | None = None,
            steps: int = 300, seeds: int = 3, batch_size: int = 32, workers: int | None = 1,
-           threads: int | None = 1) -> Prescription:
+           threads: int | None = 1, finalists: int = FINALISTS) -> Prescription:
     """Diagnose ``make_model()``'s training, try the remedies on it, and return the ranked Prescription.
 
     ``make_model()`` returns a fresh module (the doctor seeds it); ``data`` is ``(X, Y)`` tensors or a
@@ -242,7 +258,8 @@ def doctor(make_model: Callable[[], nn.Module], data, loss_fn: Callable, optimiz
     processes for the trials (None: one per core), used where those four pickle. ``threads``: torch's
     intra-op threads during the trials, restored after (None: leave them): small nets on a busy CPU
     lose more to idle threads than they gain, measured: the seed's net took 653 s wall at torch's
-    default of 2 threads on a loaded 2-core host, 28 s at 1.
+    default of 2 threads on a loaded 2-core host, 28 s at 1. ``finalists``: how many treatments the
+    screening keeps for the whole measurement (0: no screening, every treatment measured in full).
 
     Examples:
         >>> rx = gradwatch.doctor(make_model, (X, Y), torch.nn.functional.cross_entropy)
@@ -260,17 +277,23 @@ def doctor(make_model: Callable[[], nn.Module], data, loss_fn: Callable, optimiz
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
 
-    def trial(treatments: list[Treatment]) -> list[Treatment]:
-        """Every seed of every treatment; in the pool where there is one, results kept in seed order."""
-        jobs = [(t, seed) for t in treatments for seed in range(seeds)]
+    def run(treatments: list[Treatment], seeds_: range, length: int) -> list:
+        """Every seed of every treatment for ``length`` steps; in the pool where there is one, in seed order."""
+        jobs = [(t, seed) for t in treatments for seed in seeds_]
         if pool:
-            futures = [pool.submit(_remote, make_model, plans[s], loss_fn, optimizer, t.name, s) for t, s in jobs]
-            results = [f.result() for f in futures]
-        else:
-            results = [run_trial(t.plan, make_model, plans[s], loss_fn, s) for t, s in jobs]
-        for (t, _), result in zip(jobs, results, strict=True):
+            return [f.result() for f in [pool.submit(_remote, make_model, plans[s][:length], loss_fn, optimizer,
+                                                     t.name, s) for t, s in jobs]]
+        return [run_trial(t.plan, make_model, plans[s][:length], loss_fn, s) for t, s in jobs]
+
+    def trial(treatments: list[Treatment]) -> list[Treatment]:
+        for t, result in zip([t for t in treatments for _ in range(seeds)], run(treatments, range(seeds), steps),
+                             strict=True):
             t.record(*result)
         return treatments
+
+    def screen(treatments: list[Treatment]) -> None:
+        for t, (losses, _) in zip(treatments, run(treatments, range(1), steps // SCREEN), strict=True):
+            t.screened = final_loss(losses)
 
     def propose(name: str) -> Treatment | str:
         plan = _plan(name, base, make_model) if name in TREATMENTS else "a change only you can make"
@@ -279,7 +302,8 @@ def doctor(make_model: Callable[[], nn.Module], data, loss_fn: Callable, optimiz
         return plan if isinstance(plan, str) else Treatment(name, REMEDIES[name], plan, **kwargs)
 
     try:
-        rx = prescribe(trial, Treatment("untreated", "", base, **kwargs), propose)
+        rx = prescribe(trial, Treatment("untreated", "", base, **kwargs), propose, screen if finalists else None,
+                       finalists)
     finally:
         torch.set_num_threads(before)
         if pool:
@@ -289,10 +313,13 @@ def doctor(make_model: Callable[[], nn.Module], data, loss_fn: Callable, optimiz
 
 
 def prescribe(trial: Callable[[list[Treatment]], list[Treatment]], untreated: Treatment,
-              propose: Callable[[str], Treatment | str]) -> Prescription:
+              propose: Callable[[str], Treatment | str], screen: Callable[[list[Treatment]], None] | None = None,
+              finalists: int = FINALISTS) -> Prescription:
     """The doctor's method, whatever trains the trials: the untreated run's majority findings propose
-    remedies; ``propose(name)`` makes each a Treatment or says why it cannot be tried; ``trial`` trains
-    them from the same seeds; the measured final loss ranks them (fewer findings left breaks a tie).
+    remedies; ``propose(name)`` makes each a Treatment or says why it cannot be tried; ``screen``
+    (where given, and more than ``finalists`` are proposed) sets each one's ``screened`` loss and
+    only the best ``finalists`` go on; ``trial`` trains those from the same seeds; the measured final
+    loss ranks them (fewer findings left breaks a tie), the screened-out ones after them.
 
     The Prescription's budget fields (seeds, steps, seconds) are the caller's to fill in.
     """
@@ -305,6 +332,11 @@ def prescribe(trial: Callable[[list[Treatment]], list[Treatment]], untreated: Tr
             untried[name] = made
         else:
             candidates.append(made)
+    dropped = []
+    if screen and len(candidates) > finalists:
+        screen(candidates)
+        candidates.sort(key=lambda t: t.screened)
+        candidates, dropped = candidates[:finalists], candidates[finalists:]
     tried = trial(candidates)
     tried.sort(key=lambda t: (t.loss, len(t.kinds)))
-    return Prescription(findings, untreated, tried, untried, seeds=0, steps=0, seconds=0.0)
+    return Prescription(findings, untreated, tried + dropped, untried, seeds=0, steps=0, seconds=0.0)

@@ -127,7 +127,9 @@ KERAS_TREATMENTS: dict[str, Callable[[keras.Model], Recipe | str]] = {
     "clip_norm": lambda _model: Recipe(optimizer=_configured(lambda c: {**c, "clipnorm": 1.0,
                                                                          "global_clipnorm": None})),
     "lower_lr": _lr(0.1),
+    "much_lower_lr": _lr(0.01),
     "higher_lr": _lr(10.0),
+    "much_higher_lr": _lr(100.0),
     "adam": _to_adam,
 }
 

@@ -242,6 +242,8 @@ TREATMENTS: dict[str, Callable[[Plan, nn.Module], Plan | str]] = {
     "forget_bias": _operate(_forget_bias, (nn.LSTM, nn.LSTMCell), "no LSTM"),
     "clip_norm": _tune(lambda plan: replace(plan, clip_norm=1.0)),
     "lower_lr": _tune(_lr(0.1)),
+    "much_lower_lr": _tune(_lr(0.01)),
     "higher_lr": _tune(_lr(10.0)),
+    "much_higher_lr": _tune(_lr(100.0)),
     "adam": _to_adam,
 }

@@ -7,7 +7,7 @@ its test loss ends below a quarter of chance, and sits at chance above 90% of it
 and a cell stops lengthening at the first length where most of its seeds fail to learn, so the budget
 goes where the answer is still open. The temporal picture, ||dL/dh_t|| for every step t (Pascanu et
 al. 2013), is read from the ``state_grad_norm`` records of seed 0 of each cell at the length that
-separates the LSTM from the RNN: the first batch of the first epoch (initialisation) and of the last.
+separates the LSTM from the RNN: the first sampled step (initialisation) and the last.
 """
 
 from __future__ import annotations
@@ -150,12 +150,12 @@ def conclude(rows: list[dict], gap: tuple[int, float] | None) -> str:
 
 
 def trace(run: Run, when: str) -> list[float]:
-    """||dL/dh_t|| for t = 1..T on the first batch of the first (``init``) or last (``trained``) epoch."""
+    """||dL/dh_t|| for t = 1..T on the first (``init``) or last (``trained``) sampled step."""
     rows = [r for r in run.records.rows if r[3] == "state_grad_norm"]
     if not rows:
         return []
-    epoch = rows[0][1] if when == "init" else rows[-1][1]
-    return [r[4] for r in rows if r[1] == epoch]
+    step = rows[0][0] if when == "init" else rows[-1][0]
+    return [r[4] for r in rows if r[0] == step]
 
 
 def w_hh_norm(run: Run) -> float:
@@ -216,7 +216,7 @@ def _flow_figure(chosen: dict[str, Run], length: int) -> Figure:
             values = trace(run, when)
             ax.plot(range(1, len(values) + 1), values, color=f"C{KINDS.index(kind)}", label=kind)
         ax.set(yscale="log", xlabel="time step t", title=f"adding, T={length}: {when}")
-    fig.axes[0].set_ylabel("||dL/dh_t|| (first batch of the epoch)")
+    fig.axes[0].set_ylabel("||dL/dh_t|| (first or last sampled step)")
     fig.axes[-1].legend(fontsize=8)
     return fig
 
@@ -233,7 +233,7 @@ def _flow_caption(chosen: dict[str, Run], length: int) -> str:
     parts = [f"{kind}: back at t=1 {_share(trace(run, 'init')):.1e} of the last step's gradient at init, "
              f"{_share(trace(run, 'trained')):.1e} after training" for kind, run in chosen.items()]
     text = (f"The norm of the gradient of the loss with respect to the hidden state h_t at every step of T={length} "
-            "adding sequences (seed 0, first batch of the first and of the last epoch); the loss reads only the "
+            "adding sequences (seed 0, the first and the last sampled step); the loss reads only the "
             "last state, so each curve shows how much of the error signal reaches back to step t. "
             + "; ".join(parts) + ".")
     if "rnn" in chosen:

@@ -1,5 +1,6 @@
 """Probes: the watcher's sampled-step module hooks, which read the STATS entries a step's forward and
-backward pass offer: each layer's output and its backpropagated signal, each activation's output."""
+backward pass offer: each layer's output and its backpropagated signal, each activation's output, and
+a recurrent net's signal at each time step."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from torch import Tensor, nn
 
 from gradwatch.stats import Layout, Stat, activation_kinds, at, read
 
+CELLS = (nn.RNNCellBase,)  # called once per time step: each call's output is h_t
+FUSED = (nn.RNNBase,)  # nn.RNN/GRU/LSTM: one call for the whole sequence, h_t inside the kernel
+
 
 class Probes:
     """The sampled-step module hooks: each layer's output and dL/d(output), each activation's output.
@@ -17,11 +21,12 @@ class Probes:
     A forward hook per layer (a module that owns parameters) and per module some ``activation``
     entry reads, registered only for a sampled step (fastai's ``HookCallback(every=...)``); each
     hook reads its module's pieces for the ``output``, ``signal`` and ``activation`` entries of
-    STATS, and ``collect`` combines them per entry, layers in model order.
+    STATS, and ``collect`` combines them per entry, layers in model order. The first recurrent
+    module in model order also gets a ``state_signal`` hook: the signal at each time step t.
     """
 
     def __init__(self, modules: list[tuple[str, nn.Module]], order: dict[str, int]):
-        self.points = {point: at(point) for point in ("output", "signal")}
+        self.points = {point: at(point) for point in ("output", "signal", "state_signal")}
         self.entries = {**self.points["output"], **self.points["signal"], **at("activation")}
         self.order = order
         kinds = activation_kinds()
@@ -33,6 +38,11 @@ class Probes:
                 self.hooks.append((module, partial(self._on_activation, name, kind, reads)))
             elif name in order:
                 self.hooks.append((module, partial(self._on_forward, name)))
+        recurrent = [m for _, m in modules if isinstance(m, CELLS + FUSED)][:1] if self.points["state_signal"] else []
+        self.hooks += [(m, self._on_cell) for m in recurrent if isinstance(m, CELLS)]
+        self.pre_hooks = [(m, self._on_sequence) for m in recurrent if isinstance(m, FUSED)]
+        self.states: dict[int, Tensor] = {}  # time step -> its signal, as backward reaches it
+        self.calls = 0  # the recurrent cell's calls this step: its time steps
         self.armed: list = []
         self.compiled = False  # a torch.compile trace ran these hooks: left attached, inert, for good
         self.step: int | None = None
@@ -41,9 +51,10 @@ class Probes:
         self.layouts: dict[int, Layout] = {}  # one-tensor layouts by element count
 
     def arm(self, step: int) -> None:
-        self.step, self.seen = step, set()
+        self.step, self.seen, self.states, self.calls = step, set(), {}, 0
         self.pieces = {stat: {} for stat in self.entries}
         self.armed = [module.register_forward_hook(hook) for module, hook in self.hooks]
+        self.armed += [module.register_forward_pre_hook(hook) for module, hook in self.pre_hooks]
 
     def disarm(self) -> None:
         for handle in self.armed:
@@ -86,6 +97,42 @@ class Probes:
         if step == self.step and grad is not None and self._first(name, "signal", forward=False):
             self._one("signal", name, grad)
 
+    def _on_cell(self, _module, _inputs, output) -> None:
+        """A recurrent cell's call t: dL/dh_t on h_t (an LSTM's first output), the whole signal reaching
+        step t, since h_t feeds both the next step and whatever reads it (Pascanu et al. 2013)."""
+        out = output[0] if isinstance(output, tuple) else output
+        if self.compiled or torch.compiler.is_compiling() or not torch.is_grad_enabled() or out.grad_fn is None:
+            return
+        out.grad_fn.register_prehook(partial(self._on_state, self.step, self.calls, out.output_nr, None))
+        self.calls += 1
+
+    def _on_sequence(self, module, inputs):
+        """A fused nn.RNN/GRU/LSTM keeps h_t inside its kernel: dL/dx_t, the signal that reached input step t
+        through the recurrence, stands in for it. A data input (no graph behind it) is made a leaf that
+        asks for its gradient; an input with a graph keeps it (a node hook reads its gradient)."""
+        x = inputs[0] if inputs else None
+        if (not isinstance(x, Tensor) or x.dim() != 3 or self.compiled or torch.compiler.is_compiling()
+                or not torch.is_grad_enabled() or self.calls):
+            return None
+        self.calls = 1
+        time_axis = 1 if module.batch_first else 0
+        if x.grad_fn is None:
+            x = x.detach().requires_grad_()
+            x.register_hook(partial(self._on_state, self.step, 0, 0, time_axis))
+            return (x, *inputs[1:])
+        x.grad_fn.register_prehook(partial(self._on_state, self.step, 0, x.output_nr, time_axis))
+        return None
+
+    def _on_state(self, step: int, t: int, index: int, time_axis: int | None, grads) -> None:
+        """A time step's signal arrived in backward (a fused module's: every step's at once, split on time)."""
+        grad = grads[index] if isinstance(grads, tuple) else grads
+        if step != self.step or grad is None:
+            return
+        if time_axis is None:
+            self.states[t] = grad.detach()
+        else:
+            self.states.update(enumerate(grad.detach().unbind(time_axis)))
+
     def _on_activation(self, name: str, kind: str, reads: dict[str, Stat], _module, _inputs, output) -> None:
         if not isinstance(output, Tensor) or not self._first(name, "activation"):
             return
@@ -107,4 +154,11 @@ class Probes:
                 if inverse is not None and s.point == "signal":
                     combined = combined * inverse
                 out.append((stat, names, combined))
+        if self.states:
+            grads = [self.states[t].float() for t in sorted(self.states)]
+            names = [f"t{t}" for t in sorted(self.states)]
+            layout = Layout.of([[g] for g in grads])
+            scale = 1.0 if inverse is None else inverse
+            out += [(stat, names, value * scale) for stat, value in read(self.points["state_signal"], grads,
+                                                                          layout).items()]
         return out
