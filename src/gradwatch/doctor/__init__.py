@@ -170,7 +170,8 @@ class Prescription:
                 "final loss (min-max)": f"{t.loss:.3g} ({min(t.losses):.3g}-{max(t.losses):.3g})" if measured
                 else f"{t.screened:.3g} (screened out: seed 0, {self.steps // SCREEN} steps)",
                 "vs untreated": _change(t.loss, self.untreated.loss) if rank and measured else "",
-                "grad ratio": f"{t.ratio('grad_norm'):.2g}", "signal ratio": f"{t.ratio('backprop_norm'):.2g}",
+                "grad ratio": f"{t.ratio('grad_norm'):.2g}" if measured else "",
+                "signal ratio": f"{t.ratio('backprop_norm'):.2g}" if measured else "",
                 "clears": ", ".join(sorted(kinds - set(t.kinds))) if rank and measured else "",
                 "still": (", ".join(t.kinds) or "-") if measured else ""})
         return rows
