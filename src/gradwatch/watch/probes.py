@@ -109,10 +109,11 @@ class Probes:
     def _on_sequence(self, module, inputs):
         """A fused nn.RNN/GRU/LSTM keeps h_t inside its kernel: dL/dx_t, the signal that reached input step t
         through the recurrence, stands in for it. A data input (no graph behind it) is made a leaf that
-        asks for its gradient; an input with a graph keeps it (a node hook reads its gradient)."""
+        asks for its gradient; an input with a graph keeps it (a node hook reads its gradient); a leaf
+        the user asked gradients of is left alone (a hook on it would outlive the step)."""
         x = inputs[0] if inputs else None
         if (not isinstance(x, Tensor) or x.dim() != 3 or self.compiled or torch.compiler.is_compiling()
-                or not torch.is_grad_enabled() or self.calls):
+                or not torch.is_grad_enabled() or self.calls or (x.requires_grad and x.grad_fn is None)):
             return None
         self.calls = 1
         time_axis = 1 if module.batch_first else 0
