@@ -208,10 +208,12 @@ def cases() -> list[Case]:
             out.append(spec_case("rnn", "exploding", seq, {"data.seq_len": length, "model.kind": "rnn",
                                                              "model.activation": "tanh", "model.init": "orthogonal",
                                                              "model.init_gain": gain}))
+        # lr 0.01 (the sequences study's): there a GRU learns the adding problem in 300 steps (MSE ~0.005) while
+        # these RNNs stay at the mean's 1/6; at 1e-3 neither learns, so no treatment could show a cure
         for gain in (0.3, 0.5):
             out.append(spec_case("rnn", "vanishing_in_time", seq, {
                 "data.seq_len": length, "model.kind": "rnn", "model.activation": "tanh",
-                "model.init": "orthogonal", "model.init_gain": gain}))
+                "model.init": "orthogonal", "model.init_gain": gain, "train.learning_rate": 0.01}))
     out += [torch_case("sigmoid_mlp", "digits:glorot-bengio-5x256", "vanishing", [256] * 5, nn.Sigmoid, "digits",
                        old_init=True)]
     out += [teacher_case("vanishing", 12, nn.Sigmoid, s) for s in range(3)]

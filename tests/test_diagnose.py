@@ -244,7 +244,7 @@ def test_verdict_rule(ratio, status, word):
 def test_an_init_too_large_for_relu_is_exploding_in_its_signal_and_outputs():
     torch.manual_seed(0)  # He init x 2.5: every layer multiplies by ~2.5 both ways; the weight gradients stay balanced
     records = fit(mlp([2] + [32] * 12 + [1], init=lambda m: nn.init.kaiming_normal_(m.weight).data.mul_(2.5)),
-                  steps=150)
+                  steps=60)
     (found,) = [f for f in diagnose(records) if f.kind == "exploding"]
     assert found.evidence["signal_ratio_first_last"] > THRESHOLDS["exploding_signal"][0]
     assert found.remedies[0].name == "he_init"
@@ -252,7 +252,7 @@ def test_an_init_too_large_for_relu_is_exploding_in_its_signal_and_outputs():
 
 def test_glorot_bengio_net_under_adam_is_vanishing_from_its_start_while_slow():
     torch.manual_seed(0)  # Adam rebalances the layers within steps; the net stays at most of its first loss
-    records = fit(mlp([2] + [256] * 5 + [1], act=nn.Sigmoid, init=_old_standard), steps=300, lr=1e-4)
+    records = fit(mlp([2] + [256] * 5 + [1], act=nn.Sigmoid, init=_old_standard), steps=150, lr=1e-4)
     loss = [v for *_, s, v in records.rows if s == "loss"]
     assert loss[-1] > 0.5 * loss[0]
     assert "vanishing" in {f.kind for f in diagnose(records)}
