@@ -43,6 +43,7 @@ def test_members_of_one_depth_differ_only_in_init_so_they_share_a_stack():
     for _, _, spec in jobs:
         by_depth.setdefault(spec.model.depth, set()).add(shape_key(spec))
     assert all(len(keys) == 1 for keys in by_depth.values())
+    assert {spec.model.init for *_, spec in jobs} == {"orthogonal", "lecun_normal"}  # tanh twice, one stack
     assert len(jobs) == len(criticality.PANELS) * 3 * 2 * 2
 
 
