@@ -141,9 +141,11 @@ def check_memory(study: Study, processes: int, backend: str = "local") -> None:
     (a Ray sweep's ensembles run on the cluster's nodes, whose memory is theirs to check)."""
     if backend != "local":
         return
-    per_chunk = sorted(((sum(_member_bytes(spec.data, spec.model, spec.train.batch_size, spec.train.epochs,
-                                           study.thin) for *_, spec in part), len(part), part[0][2])
-                        for part in chunks(study.jobs, study.chunk)), key=lambda chunk: chunk[0])
+    # a chunk's members share ensemble.shape_key, which fixes every term of _member_bytes: one per chunk
+    # (per member, the cache would build a net per init and sigma_w^2: minutes for a deep study's grid)
+    per_chunk = sorted(((len(part) * _member_bytes(spec.data, spec.model, spec.train.batch_size, spec.train.epochs,
+                                                   study.thin), len(part), spec)
+                        for part in chunks(study.jobs, study.chunk) for spec in [part[0][2]]), key=lambda c: c[0])
     if not per_chunk:
         return
     biggest = per_chunk[-processes:]
