@@ -212,3 +212,15 @@ def test_shipped_example_studies_load(path):
     study = sweep.load_study(path)
     assert study.jobs and len({spec.key() for *_, spec in study.jobs}) == len(study.jobs)
     sweep.check_memory(study, processes=2)  # no false alarm on what we ship
+
+
+def test_memory_check_sizes_an_ensemble_from_one_member_because_members_share_every_term():
+    from gradwatch.studies import criticality
+    from gradwatch.sweep.local import chunks
+    from gradwatch.sweep.run import _member_bytes
+
+    jobs = criticality.next_jobs([], quick=True)  # members differ in activation, init, sigma_w^2, seed
+    sizes = [{_member_bytes(s.data, s.model, s.train.batch_size, s.train.epochs, 10) for *_, s in part}
+             for part in chunks(jobs)]
+    assert len(sizes) == 2 and all(len(size) == 1 for size in sizes)  # one size per ensemble
+    assert sizes[0] != sizes[1]  # and the depths differ
