@@ -7,6 +7,7 @@ statistic on paper. ``members=True`` is checked member by member against the sam
 import copy
 import math
 import re
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,7 @@ def ref_seed_gradient(old, new, lr):
 def ref_percent_change(old, new, _lr):
     values = sorted(abs(100 * (o - n) / o) for o, n in zip(old.double().reshape(-1).tolist(),
                                                             new.double().reshape(-1).tolist(), strict=True) if o != 0)
-    return values[(len(values) - 1) // 2]  # the lower middle value, as torch's median takes it
+    return statistics.median(values)  # the notebook's np.median: the mean of the two middle values
 
 
 def ref_weight_trace(_old, new, _lr):
@@ -251,6 +252,8 @@ def test_seed_formulas_by_hand():
     old, new = torch.tensor([[1.0, -2.0, 0.5]]), torch.tensor([[0.9, -2.5, 0.5]])
     assert STATS["seed_gradient"].fn([old], [new], 0.1).tolist() == pytest.approx([2.0])  # mean of 1, 5, 0
     assert STATS["percent_change"].fn([old], [new], 0.1).tolist() == pytest.approx([10.0])  # median of 10, 25, 0
+    old, new = torch.tensor([[1.0, -2.0, 0.5, 4.0]]), torch.tensor([[0.9, -2.5, 0.5, 4.0]])
+    assert STATS["percent_change"].fn([old], [new], 0.1).tolist() == pytest.approx([5.0])  # np.median(10, 25, 0, 0)
 
 
 def test_tensor_norms_then_layer_norms_is_norm():

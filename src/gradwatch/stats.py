@@ -276,11 +276,18 @@ def mean_seed_gradient(start: list[Tensor], now: list[Tensor], lr: float | Tenso
     return torch.stack([m.mean(1) if members else m.mean() for m in means])
 
 
+def _nanmedian(t: Tensor, members: bool) -> Tensor:
+    """``np.median`` ignoring NaN: the mean of the two middle values for an even count, where torch's
+    median takes the lower one. The upper one is minus the lower median of ``-t``; no sort, no size limit
+    (``nanquantile`` refuses 16M entries)."""
+    low, high = (t.nanmedian(1).values, -(-t).nanmedian(1).values) if members else (t.nanmedian(), -(-t).nanmedian())
+    return (low + high) / 2
+
+
 def median_percent_change(start: list[Tensor], now: list[Tensor], _lr: Any = None, members: bool = False) -> Tensor:
-    """Per layer, the notebook's median % change since the start: torch's median (the lower middle value
-    for an even count), NaN entries (old == 0) ignored."""
+    """Per layer, the notebook's ``np.median`` of the % change since the start, NaN entries (old == 0) ignored."""
     changes = [_rows(percent_change(s, n), members) for s, n in zip(start, now, strict=True)]
-    return torch.stack([c.nanmedian(1).values if members else c.nanmedian() for c in changes])
+    return torch.stack([_nanmedian(c, members) for c in changes])
 
 
 def weight_trace(start: list[Tensor], now: list[Tensor], _lr: Any = None, members: bool = False) -> Tensor:

@@ -4,13 +4,15 @@ The seed measures a vanishing gradient by keeping the weights before ``fit`` and
 the weights after it: ``(old - new) / lr`` and ``|100 (old - new) / old|``. GradWatch does exactly that
 once per epoch, for every layer with a kernel, since the start of ``fit``; adds per-layer weight norms;
 and, on a probe batch you pass, takes the gradient of the compiled loss itself, because under Adam the
-weight change says little about the gradient. Records carry the Keras layer names and the same
+weight change says little about the gradient, and each layer's output on it: its RMS, and in each hidden
+sigmoid/tanh or ReLU-family activation the saturated and dead units. Records carry the Keras layer names and the same
 statistic names as the PyTorch watcher (``stats.STATS``), so ``diagnose``, the Store and the report
 read a Keras fit exactly as they read a PyTorch run.
 
-Which backends give gradient norms (``GRADIENTS``): torch (autograd), tensorflow (``GradientTape``) and
-jax (``jax.grad``), as each backend's own ``train_step`` takes them. On numpy and openvino the callback
-records the weight change, weight norms and logs only, and its summary says so (verdict ``unknown``).
+Which backends give gradient norms and activations (``GRADIENTS``, see ``probe``): torch (autograd on a
+``torch.jit.trace``), tensorflow (``GradientTape`` in a ``tf.function``) and jax (``jax.grad`` under
+``jax.jit``), as each backend's own ``train_step`` takes them. On numpy and openvino the callback records
+the weight change, weight norms and logs only, and its summary says so (verdict ``unknown``).
 """
 
 from __future__ import annotations
@@ -25,15 +27,17 @@ import torch
 
 from gradwatch.diagnose import THRESHOLDS
 from gradwatch.diagnose import diagnose as _diagnose
+from gradwatch.keras.probe import GRADIENTS, Probe, host
 from gradwatch.records import Records, Run, first_over_last
-from gradwatch.stats import Layout, at, read
+from gradwatch.stats import Layout, activation_kinds, at, read
 from gradwatch.store import Store
 from gradwatch.summary import summarize
 
 VANISHING = THRESHOLDS["vanishing_ratio"][0]
 # the STATS hook points a Keras fit offers the callback: per measured epoch, the weights and (the seed's
-# measures) the kernels since the start of fit; on the probe batch, each layer's and each kernel's gradient
-READS = ("grad", "kernel_grad", "weight", "kernel")
+# measures) the kernels since the start of fit; on the probe batch, each layer's and each kernel's gradient,
+# each kernel layer's output and each hidden activation's output
+READS = ("grad", "kernel_grad", "weight", "kernel", "output", "activation")
 
 # optimizer class (or a base class of it) -> why its weight change does not track the gradient
 ADAPTIVE: dict[str, str] = {
@@ -49,111 +53,48 @@ ADAPTIVE: dict[str, str] = {
 }
 
 
-def _loss(model: keras.Model, values: list, probe):
-    """The compiled loss on the probe batch in training mode, as fit's own step takes it, changing nothing.
-
-    Training mode, because its gradient is the one the optimizer applies: in inference mode batch norm
-    divides by moving statistics that lag the weights (momentum 0.99), and a batch-norm net that trains
-    well read vanishing at the start and exploding later. Through ``stateless_call`` and
-    ``stateless_compute_loss``: the forward reads ``values`` as the trainable weights (so ``jax.grad`` can
-    differentiate it), and the state it updates (batch-norm moving statistics, dropout's seed, the loss
-    tracker) is returned and dropped, so measuring leaves ``fit``'s own training untouched.
-    """
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(probe)
-    state = [v.value for v in model.non_trainable_variables]
-    y_pred, _ = model.stateless_call(values, state, x, training=True)
-    metrics = [v.value for v in model.metrics_variables]
-    loss, _ = model.stateless_compute_loss(values, state, metrics, x=x, y=y, y_pred=y_pred,
-                                           sample_weight=sample_weight, training=True)
-    return loss
-
-
-def _picked(model: keras.Model, variables: list, grads: list) -> list:
-    """The gradients of ``variables`` among those of all the model's trainable variables."""
-    index = {id(v): i for i, v in enumerate(model.trainable_variables)}
-    return [grads[index[id(v)]] for v in variables]
-
-
-def _torch_gradients(model: keras.Model, variables: list, probe) -> list[torch.Tensor]:
-    """``torch.autograd.grad`` of the loss: leaves ``.grad`` untouched, so fit's own step is unaffected.
-
-    Keras's unseeded torch dropout draws from torch's global generator: forked, so fit's masks stay its own.
-    """
-    values = [v.value for v in model.trainable_variables]
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.enable_grad(), torch.random.fork_rng(devices):
-        grads = torch.autograd.grad(_loss(model, values, probe), values, allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(values, grads, strict=True)]
-    return _picked(model, variables, grads)
-
-
-def _tensorflow_gradients(model: keras.Model, variables: list, probe) -> list[torch.Tensor]:
-    """``GradientTape`` as in Keras's tensorflow ``train_step``; each gradient copied to the host once."""
-    import tensorflow as tf
-
-    values = [tf.identity(v.value) for v in model.trainable_variables]
-    with tf.GradientTape() as tape:
-        tape.watch(values)
-        loss = _loss(model, values, probe)
-    grads = tape.gradient(loss, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return [torch.from_numpy(np.array(g)) for g in _picked(model, variables, grads)]  # a writable copy
-
-
-def _jax_gradients(model: keras.Model, variables: list, probe) -> list[torch.Tensor]:
-    """``jax.grad`` of the loss as a function of the trainable weights, as Keras's jax ``train_step`` takes it."""
-    import jax
-
-    values = [v.value for v in model.trainable_variables]
-    grads = jax.grad(lambda vs: _loss(model, vs, probe))(values)
-    return [torch.from_numpy(np.array(g)) for g in _picked(model, variables, grads)]
-
-
-# Keras backend -> fn(model, variables, probe) -> one gradient per variable, as torch tensors.
-# numpy and openvino have no autodiff.
-GRADIENTS = {"torch": _torch_gradients, "tensorflow": _tensorflow_gradients, "jax": _jax_gradients}
-
-
-def _check_probe(probe, model: keras.Model) -> None:
-    """Refuse a bad probe in one line that names it and what is expected, before fit's first step.
-
-    Keras's own error would come from inside the first probe, mid-``fit``, without naming the probe.
-    """
-    want = getattr(model, "input_shape", None) if model.built else None  # a subclassed model may not know it
-    allowed = f"allowed: (x, y) or (x, y, sample_weight), one row per example, x of shape {want or '(n, ...)'}"
-    if not isinstance(probe, (tuple, list)) or len(probe) not in (2, 3):
-        got = f"a {type(probe).__name__}" + (f" of {len(probe)}" if isinstance(probe, (tuple, list)) else "")
-        raise ValueError(f"probe: got {got}; {allowed}")
-    shapes = [tuple(a.shape) if hasattr(a, "shape") else np.shape(a) for a in probe]
-    width_ok = not isinstance(want, tuple) or (len(want) == len(shapes[0]) and all(
-        w in (None, g) for w, g in zip(want[1:], shapes[0][1:], strict=True)))
-    if len({s[:1] for s in shapes}) != 1 or not shapes[0] or not width_ok:
-        raise ValueError(f"probe: got shapes {', '.join(map(str, shapes))}; {allowed}")
-
-
-def _host(variable) -> torch.Tensor:
-    """A CPU copy of a Keras variable (torch.tensor copies, so the snapshot never aliases the weight)."""
-    return torch.tensor(keras.ops.convert_to_numpy(variable))
-
-
 def _number(value) -> float:
     return float(keras.ops.convert_to_numpy(value))
 
 
-def _kernel_layers(model, prefix: str = "") -> list[tuple[str, keras.Layer, int]]:
-    """(name, layer, index of its kernel among its trainable weights) of every layer with a kernel.
-
-    Nested models are walked, their layers named ``outer/inner``; a layer whose kernel is frozen is left out.
-    """
+def _leaves(model, prefix: str = "") -> list[tuple[str, keras.Layer]]:
+    """(name, layer) of every layer in call order, nested models walked and their layers named ``outer/inner``."""
     out = []
     for layer in model.layers:
         name = prefix + layer.name
-        if getattr(layer, "layers", None):
-            out += _kernel_layers(layer, name + "/")
-            continue
+        out += _leaves(layer, name + "/") if getattr(layer, "layers", None) else [(name, layer)]
+    return out
+
+
+def _kernel_layers(leaves: list[tuple[str, keras.Layer]]) -> list[tuple[str, keras.Layer, int]]:
+    """(name, layer, index of its kernel among its trainable weights) of every layer with a trainable kernel."""
+    out = []
+    for name, layer in leaves:
         kernels = [i for i, v in enumerate(layer.trainable_weights) if v.name == "kernel"]
         if kernels:
             out.append((name, layer, kernels[0]))
     return out
+
+
+def _kind(layer: keras.Layer) -> str | None:
+    """The ``activation`` entries' module class (``stats.SATURATING``, ``stats.RECTIFIERS``) a layer's output is.
+
+    A ``ReLU``/``LeakyReLU``/``PReLU``/``ELU`` layer by its class; an ``Activation`` or a ``Dense``/``Conv``
+    layer by its activation's Keras name, matched without case and underscores (``leaky_relu``: LeakyReLU).
+    """
+    kinds = activation_kinds()
+    if type(layer).__name__ in kinds:
+        return type(layer).__name__
+    fn = getattr(layer, "activation", None)
+    name = getattr(fn, "__name__", type(fn).__name__).lower().replace("_", "")
+    return next((kind for kind in kinds if kind.lower() == name), None) if fn is not None else None
+
+
+def _activations(leaves: list[tuple[str, keras.Layer]], kernels: list) -> list[tuple[str, str]]:
+    """(name, kind) of each hidden activation: before the last kernel layer, whose activation belongs to the
+    loss (a confident sigmoid output before binary cross-entropy sits at its bounds, and is meant to)."""
+    last = max((i for i, (name, _) in enumerate(leaves) if name in {n for n, _, _ in kernels}), default=0)
+    return [(name, kind) for name, layer in leaves[:last] if (kind := _kind(layer))]
 
 
 def _adaptive(optimizer) -> tuple[str, str] | None:
@@ -191,7 +132,7 @@ class GradWatch(keras.callbacks.Callback):
         self._layers: list[tuple[str, keras.Layer, int]] = []
         self._initial: list[torch.Tensor] = []
         self._epoch, self._measured = -1, -1
-        self._layouts: dict[tuple[str, torch.device], Layout] = {}
+        self._layouts: dict[tuple[str, int], Layout] = {}
         self._recorded: keras.Model | None = None  # the model the records are of
 
     # --- Keras events ---------------------------------------------------------------------------
@@ -199,13 +140,18 @@ class GradWatch(keras.callbacks.Callback):
         if self._recorded is not None and self._recorded is not self.model:  # a second model: start clean
             self.records, self.status = Records(), "finished"
         self._recorded = self.model
-        self._layers, self._layouts = _kernel_layers(self.model), {}
+        leaves = _leaves(self.model)
+        self._layers, self._layouts = _kernel_layers(leaves), {}
+        self._acts = _activations(leaves, self._layers)
         self._epoch, self._measured = -1, -1
-        self._initial = [_host(layer.trainable_weights[k]) for _, layer, k in self._layers]
-        if self.probe is not None:
-            _check_probe(self.probe, self.model)
-            self._probe = keras.tree.map_structure(keras.ops.convert_to_tensor, self.probe)
-        self._measure_gradients(self._step(), 0)
+        self._initial = [host(layer.trainable_weights[k]) for _, layer, k in self._layers]
+        self._probe = None
+        if self.probe is not None and keras.backend.backend() in GRADIENTS and self._layers:
+            variables = [v for _, layer, _ in self._layers for v in layer.trainable_weights]
+            taps = dict(leaves)
+            taps = {name: taps[name] for name in [n for n, _, _ in self._layers] + [n for n, _ in self._acts]}
+            self._probe = Probe(self.model, self.probe, variables, taps)
+        self._measure_probe(self._step(), 0)
 
     def on_epoch_end(self, epoch, logs=None):
         step = self._step()
@@ -231,9 +177,9 @@ class GradWatch(keras.callbacks.Callback):
     def _step(self) -> int:
         return int(_number(self.model.optimizer.iterations))
 
-    def _layout(self, what: str, groups: list[list[torch.Tensor]]) -> Layout:
-        key = (what, groups[0][0].device)
-        if key not in self._layouts:  # built once per device, as the watcher does
+    def _layout(self, what: str, groups: list[list]) -> Layout:
+        key = (what, len(groups))
+        if key not in self._layouts:  # built once per fit, as the watcher does (every tensor is on the host)
             self._layouts[key] = Layout.of(groups)
         return self._layouts[key]
 
@@ -242,14 +188,16 @@ class GradWatch(keras.callbacks.Callback):
         if not self._layers:
             return
         self._measure_weights(step, epoch)
-        self._measure_gradients(step, epoch)
+        self._measure_probe(step, epoch)
 
-    def _record(self, step: int, epoch: int, values: dict[str, torch.Tensor], skip_nan: bool = False) -> None:
-        """One row per kernel layer of each entry in ``values`` (stat -> (L,)); ``skip_nan``: a NaN value
-        (the median % change of a kernel that starts at 0: it has no relative change) is left out."""
+    def _record(self, step: int, epoch: int, values: dict, names: list[str] | None = None,
+                skip_nan: bool = False) -> None:
+        """One row per layer (``names``, else the kernel layers) of each entry in ``values`` (stat -> (L,));
+        ``skip_nan``: a NaN value (the median % change of a kernel that starts at 0: it has no relative
+        change) is left out."""
         if values:
-            rows = torch.stack(list(values.values())).tolist()  # sync: once per measured epoch and point
-            names = [name for name, _, _ in self._layers]
+            rows = [v.tolist() for v in values.values()]  # sync: once per measured epoch and point
+            names = names or [name for name, _, _ in self._layers]
             for stat, row in zip(values, rows, strict=True):
                 kept = [(n, v) for n, v in zip(names, row, strict=True) if not (skip_nan and math.isnan(v))]
                 self.records.add_layers(step, epoch, stat, [n for n, _ in kept], [v for _, v in kept])
@@ -257,27 +205,38 @@ class GradWatch(keras.callbacks.Callback):
     def _measure_weights(self, step: int, epoch: int) -> None:
         """The ``kernel`` entries of STATS on each kernel since the start of fit (the seed's measures), and
         the ``weight`` entries on each layer's weights."""
-        weights = [[_host(v) for v in layer.trainable_weights] for _, layer, _ in self._layers]
+        weights = [[host(v) for v in layer.trainable_weights] for _, layer, _ in self._layers]
         kernels = [ws[k] for ws, (_, _, k) in zip(weights, self._layers, strict=True)]
         lr = _number(self.model.optimizer.learning_rate)
         self._record(step, epoch, read(at("kernel"), self._initial, kernels, lr), skip_nan=True)
         flat = [w for ws in weights for w in ws]
         self._record(step, epoch, read(at("weight"), flat, self._layout("layers", weights)))
 
-    def _measure_gradients(self, step: int, epoch: int) -> None:
-        """The ``grad`` entries of STATS on the compiled loss's gradient on the probe batch, per layer, and
-        the ``kernel_grad`` entries per kernel (biases left out, as train.py measures the first/last ratio)."""
-        gradients = GRADIENTS.get(keras.backend.backend())
-        if self.probe is None or gradients is None or not self._layers:
+    def _measure_probe(self, step: int, epoch: int) -> None:
+        """On the probe batch: the ``grad`` entries of STATS on the compiled loss's gradient per layer, the
+        ``kernel_grad`` entries per kernel (biases left out, as train.py measures the first/last ratio), the
+        ``output`` entries on each kernel layer's output and the ``activation`` entries on each hidden
+        activation's. A probe whose loss failed on NaN/Inf outputs records those outputs alone."""
+        if self._probe is None:
             return
-        variables = [v for _, layer, _ in self._layers for v in layer.trainable_weights]
-        flat = gradients(self.model, variables, self._probe)
-        sizes = [len(layer.trainable_weights) for _, layer, _ in self._layers]
-        groups = [flat[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
-        kernels = [[group[k]] for group, (_, _, k) in zip(groups, self._layers, strict=True)]
-        values = read(at("grad"), flat, self._layout("layers", groups))
-        values.update(read(at("kernel_grad"), [k for [k] in kernels], self._layout("kernels", kernels)))
-        self._record(step, epoch, values)
+        flat, outputs = self._probe.measure()
+        if flat is not None:
+            sizes = [len(layer.trainable_weights) for _, layer, _ in self._layers]
+            groups = [flat[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
+            kernels = [[group[k]] for group, (_, _, k) in zip(groups, self._layers, strict=True)]
+            values = read(at("grad"), flat, self._layout("layers", groups))
+            values.update(read(at("kernel_grad"), [k for [k] in kernels], self._layout("kernels", kernels)))
+            self._record(step, epoch, values)
+        names = [name for name, _, _ in self._layers if name in outputs]
+        if names:
+            tensors = [[outputs[name]] for name in names]
+            self._record(step, epoch, read(at("output"), [t for [t] in tensors], self._layout("outputs", tensors)),
+                         names)
+        for stat, s in at("activation").items():
+            hit = [(name, kind) for name, kind in self._acts if kind in s.kinds and name in outputs]
+            if hit:
+                value = s.fn([outputs[name] for name, _ in hit], [s.kinds[kind] for _, kind in hit])
+                self._record(step, epoch, {stat: value}, [name for name, _ in hit])
 
     # --- outputs --------------------------------------------------------------------------------
     def frame(self):
