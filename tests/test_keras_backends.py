@@ -130,3 +130,89 @@ def test_a_kernel_that_starts_at_zero_has_no_percent_change_and_no_finding(moons
     changes = watch.records.last("percent_change")
     assert "zeros" not in changes and len(changes) == 2 and all(math.isfinite(v) for v in changes.values())
     assert "non_finite" not in [f.kind for f in watch.diagnose()]
+
+
+def mlp(activation: str, depth: int = 4, width: int = 10, lr: float = 0.01, **dense) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    hidden = [keras.layers.Dense(width, activation, **dense) for _ in range(depth)]
+    model = keras.Sequential([keras.Input((2,)), *hidden, keras.layers.Dense(1, "sigmoid")])
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="binary_crossentropy")
+    return model
+
+
+def watched(model, x, y, epochs: int = 3, probe=None) -> GradWatch:
+    watch = GradWatch(probe=probe or (x, y), verbose=0)
+    model.fit(x, y, epochs=epochs, batch_size=32, verbose=0, callbacks=[watch])
+    return watch
+
+
+def test_activation_statistics_are_the_stats_entries_on_the_probes_training_mode_outputs(moons):
+    """saturated_frac, dead_frac and act_rms equal the STATS functions on each layer's output, taken by hand."""
+    import torch
+
+    from gradwatch.stats import RECTIFIERS, SATURATING, STATS
+
+    x, y = moons
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(16, "relu", name="r"),
+                              keras.layers.Dense(16, name="lin"), keras.layers.Activation("tanh", name="t"),
+                              keras.layers.Dense(1, "sigmoid", name="out")])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="binary_crossentropy")  # lr 0: the weights stay
+    watch = watched(model, x, y, epochs=1)
+    outputs, h = {}, keras.ops.convert_to_tensor(x)
+    for layer in model.layers:
+        h = layer(h, training=True)
+        outputs[layer.name] = torch.tensor(keras.ops.convert_to_numpy(h), dtype=torch.float64)
+    assert watch.records.at("dead_frac", 0) == pytest.approx(
+        {"r": STATS["dead_frac"].fn([outputs["r"]], [RECTIFIERS["ReLU"]]).item()})
+    assert watch.records.at("saturated_frac", 0) == pytest.approx(
+        {"t": STATS["saturated_frac"].fn([outputs["t"]], [SATURATING["Tanh"]]).item()})
+    rms = {n: outputs[n].square().mean().sqrt().item() for n in ("r", "lin", "out")}  # the kernel layers
+    assert watch.records.at("act_rms", 0) == pytest.approx(rms, rel=1e-5)
+
+
+def test_a_saturated_sigmoid_net_is_diagnosed_saturated_and_a_dead_relu_net_dying(moons):
+    x, y = moons
+    saturated = watched(mlp("sigmoid", kernel_initializer=keras.initializers.RandomNormal(stddev=8.0)), x, y)
+    assert "saturation" in [f.kind for f in saturated.diagnose()]
+    dead = watched(mlp("relu", bias_initializer=keras.initializers.Constant(-5.0)), x, y)
+    assert "dying_relu" in [f.kind for f in dead.diagnose()]
+    assert max(dead.records.last("dead_frac").values()) == 1.0
+
+
+@pytest.mark.parametrize("net", ["relu", "batch_norm"])
+def test_healthy_nets_get_no_saturation_or_dying_relu_finding(moons, net):
+    """The seed's ReLU net and the batch-norm sigmoid net train; their activations are read and stay silent."""
+    x, y = moons
+    model = mlp("relu", depth=10, lr=0.001) if net == "relu" else bn_model()
+    watch = watched(model, x, y, epochs=30)
+    assert set(watch.records.stats()) >= {"dead_frac" if net == "relu" else "saturated_frac", "act_rms"}
+    assert not {"saturation", "dying_relu", "non_finite"} & {f.kind for f in watch.diagnose()}
+
+
+def test_a_probe_whose_outputs_overflow_is_a_non_finite_finding_at_step_0_and_fit_goes_on(moons):
+    """exp(50 x) overflows float32 on a probe with large inputs (torch's binary cross-entropy then refuses
+    the NaN prediction); the moons themselves stay finite, so fit trains."""
+    x, y = moons
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(10, "exponential", name="exp",
+                                                                    kernel_initializer=keras.initializers.Constant(1.0)),
+                              keras.layers.Dense(1, "sigmoid", name="out")])
+    model.compile(optimizer=keras.optimizers.SGD(1e-6), loss="binary_crossentropy")
+    history = model.fit(x, y, epochs=2, batch_size=32, verbose=0,
+                        callbacks=[watch := GradWatch(probe=(x * 50, y), verbose=0)])
+    assert len(history.history["loss"]) == 2 and all(math.isfinite(v) for v in history.history["loss"])
+    finding = next(f for f in watch.diagnose() if f.kind == "non_finite")
+    assert finding.evidence["first_step"] == 0 and "exp" in finding.layers
+
+
+def test_huge_but_finite_numbers_are_not_non_finite(moons):
+    """Kernels of 1e19: their float32 norms would overflow to Inf, but no value is NaN/Inf anywhere."""
+    x, y = moons
+    model = mlp("sigmoid", depth=2, kernel_initializer=keras.initializers.Constant(1e19))
+    watch = watched(model, x, y, epochs=2)
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+    assert np.isfinite(model.predict(x, verbose=0)).all()
+    assert all(math.isfinite(v) for v in watch.records.series("loss")[1])
+    assert max(watch.records.last("weight_norm").values()) > 1e19
+    assert "non_finite" not in [f.kind for f in watch.diagnose()]

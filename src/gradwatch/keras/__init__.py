@@ -151,7 +151,8 @@ class GradWatch(keras.callbacks.Callback):
             taps = dict(leaves)
             taps = {name: taps[name] for name in [n for n, _, _ in self._layers] + [n for n, _ in self._acts]}
             self._probe = Probe(self.model, self.probe, variables, taps)
-        self._measure_probe(self._step(), 0)
+        if self._probe is not None:
+            self._measure_probe(self._step(), 0, self._probe.measure())
 
     def on_epoch_end(self, epoch, logs=None):
         step = self._step()
@@ -187,8 +188,9 @@ class GradWatch(keras.callbacks.Callback):
         self._measured = epoch
         if not self._layers:
             return
-        self._measure_weights(step, epoch)
-        self._measure_probe(step, epoch)
+        measured = self._probe.measure() if self._probe is not None else {}
+        self._measure_weights(step, epoch, measured.get("weight"))
+        self._measure_probe(step, epoch, measured)
 
     def _record(self, step: int, epoch: int, values: dict, names: list[str] | None = None,
                 skip_nan: bool = False) -> None:
@@ -196,33 +198,37 @@ class GradWatch(keras.callbacks.Callback):
         ``skip_nan``: a NaN value (the median % change of a kernel that starts at 0: it has no relative
         change) is left out."""
         if values:
-            rows = [v.tolist() for v in values.values()]  # sync: once per measured epoch and point
+            rows = torch.stack(list(values.values())).tolist()  # host tensors: a copy, no device sync
             names = names or [name for name, _, _ in self._layers]
             for stat, row in zip(values, rows, strict=True):
                 kept = [(n, v) for n, v in zip(names, row, strict=True) if not (skip_nan and math.isnan(v))]
                 self.records.add_layers(step, epoch, stat, [n for n, _ in kept], [v for _, v in kept])
 
-    def _measure_weights(self, step: int, epoch: int) -> None:
+    def _groups(self, flat: list) -> list[list]:
+        """One list per kernel layer of its trainable weights' entries in ``flat``."""
+        sizes = [len(layer.trainable_weights) for _, layer, _ in self._layers]
+        return [flat[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
+
+    def _measure_weights(self, step: int, epoch: int, flat: list | None = None) -> None:
         """The ``kernel`` entries of STATS on each kernel since the start of fit (the seed's measures), and
-        the ``weight`` entries on each layer's weights."""
-        weights = [[host(v) for v in layer.trainable_weights] for _, layer, _ in self._layers]
+        the ``weight`` entries on each layer's weights (``flat``: the probe's copy of them, if it made one)."""
+        weights = self._groups(flat) if flat is not None else [
+            [host(v) for v in layer.trainable_weights] for _, layer, _ in self._layers]
         kernels = [ws[k] for ws, (_, _, k) in zip(weights, self._layers, strict=True)]
         lr = _number(self.model.optimizer.learning_rate)
         self._record(step, epoch, read(at("kernel"), self._initial, kernels, lr), skip_nan=True)
         flat = [w for ws in weights for w in ws]
         self._record(step, epoch, read(at("weight"), flat, self._layout("layers", weights)))
 
-    def _measure_probe(self, step: int, epoch: int) -> None:
+    def _measure_probe(self, step: int, epoch: int, measured: dict) -> None:
         """On the probe batch: the ``grad`` entries of STATS on the compiled loss's gradient per layer, the
         ``kernel_grad`` entries per kernel (biases left out, as train.py measures the first/last ratio), the
         ``output`` entries on each kernel layer's output and the ``activation`` entries on each hidden
-        activation's. A probe whose loss failed on NaN/Inf outputs records those outputs alone."""
-        if self._probe is None:
-            return
-        flat, outputs = self._probe.measure()
+        activation's (``measured``: ``Probe.measure``'s). A probe whose loss failed on NaN/Inf outputs
+        records those outputs alone."""
+        flat, outputs = measured.get("grad"), measured.get("output", {})
         if flat is not None:
-            sizes = [len(layer.trainable_weights) for _, layer, _ in self._layers]
-            groups = [flat[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
+            groups = self._groups(flat)
             kernels = [[group[k]] for group, (_, _, k) in zip(groups, self._layers, strict=True)]
             values = read(at("grad"), flat, self._layout("layers", groups))
             values.update(read(at("kernel_grad"), [k for [k] in kernels], self._layout("kernels", kernels)))

@@ -10,6 +10,7 @@ Keras's per-layer Python once more per epoch, which cost the seed's 7-step epoch
 
 from __future__ import annotations
 
+import math
 import warnings
 from functools import partial
 
@@ -54,76 +55,99 @@ def _forward(model: keras.Model, taps: dict[str, keras.Layer], values: list, sta
 
 
 class _Traced:
-    """``forward`` as a TorchScript graph, traced on its first call: Keras's per-layer Python runs once.
+    """``fn`` as a TorchScript graph, traced on its first call: Keras's per-layer Python runs once.
 
     Every weight, state value and probe tensor is an input of the graph, never a constant baked in.
-    Unseeded dropout draws from torch's global generator inside the graph, as it does eagerly.
+    Unseeded dropout draws from torch's global generator inside the graph, as it does eagerly. Run
+    without the profiling executor's optimising passes, which cost ~100 ms over the first calls and
+    save nothing measurable on the probe's small graph.
     """
 
-    def __init__(self, forward):
-        self.forward, self.graph = forward, None
+    def __init__(self, fn):
+        self.fn, self.graph = fn, None
 
-    def __call__(self, values: list, state: list, probe: tuple):
-        flat, n, m = (*values, *state, *probe), len(values), len(state)
-        if self.graph is None:
-            def flat_forward(*t):
-                loss, _, outputs = self.forward(list(t[:n]), list(t[n : n + m]), t[n + m :])
-                return loss, outputs
-
-            with warnings.catch_warnings():  # shape checks read as constants: right for one fixed probe
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                self.graph = torch.jit.trace(flat_forward, flat, check_trace=False, strict=False)
-        return self.graph(*flat)
+    def __call__(self, *flat):
+        with torch.jit.optimized_execution(False):
+            if self.graph is None:
+                with warnings.catch_warnings():  # shape checks read as constants: right for one fixed probe
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    self.graph = torch.jit.trace(self.fn, flat, check_trace=False)
+            return self.graph(*flat)
 
 
-def _torch(forward, compiled: bool):
-    """``torch.autograd.grad`` of the (traced) forward's loss: leaves ``.grad`` untouched, so fit's step is unaffected.
+def _torch(model: keras.Model, probe: tuple, forward, pack, compiled: bool):
+    """``torch.autograd.grad`` of the (traced) forward's loss: leaves ``.grad`` untouched, so fit's step is
+    unaffected. Keras's unseeded torch dropout draws from torch's global generator: forked, so fit's masks
+    stay its own."""
+    n, m = len(model.trainable_variables), len(model.non_trainable_variables)
+    names: list[str] = []  # the tapped layers, in the order of the graph's outputs: noted when it is traced
 
-    Keras's unseeded torch dropout draws from torch's global generator: forked, so fit's masks stay its own.
-    """
-    run = _Traced(forward) if compiled else lambda v, s, p: forward(v, s, p)[::2]
+    def loss_and_outputs(*flat):
+        loss, _, outputs = forward(list(flat[:n]), list(flat[n : n + m]), flat[n + m :])
+        names[:] = outputs
+        return loss, tuple(outputs.values())
 
-    def step(values, state, probe):
+    run = _Traced(loss_and_outputs) if compiled else loss_and_outputs
+
+    def step():
+        values = [v.value for v in model.trainable_variables]
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.enable_grad(), torch.random.fork_rng(devices):
-            loss, outputs = run(values, state, probe)
+            loss, outputs = run(*values, *[v.value for v in model.non_trainable_variables], *probe)
             grads = torch.autograd.grad(loss, values, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(values, grads, strict=True)], outputs
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(values, grads, strict=True)]
+        return pack(values, grads, dict(zip(names, outputs, strict=True)), join=False)
 
     return step
 
 
-def _tensorflow(forward, compiled: bool):
-    """``GradientTape`` as in Keras's tensorflow ``train_step``, inside one ``tf.function``."""
+def _tensorflow(model: keras.Model, probe: tuple, forward, pack, compiled: bool):
+    """``GradientTape`` as in Keras's tensorflow ``train_step``, inside one ``tf.function`` that reads the
+    variables itself (captured by reference: nothing to bind per call)."""
     import tensorflow as tf
 
-    def step(values, state, probe):
-        values = [tf.identity(v) for v in values]
+    def step():
+        values = [tf.identity(v.value) for v in model.trainable_variables]
         with tf.GradientTape() as tape:
             tape.watch(values)
-            loss, _, outputs = forward(values, state, probe)
-        return tape.gradient(loss, values, unconnected_gradients=tf.UnconnectedGradients.ZERO), outputs
+            loss, _, outputs = forward(values, [v.value for v in model.non_trainable_variables], probe)
+        grads = tape.gradient(loss, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return pack(values, grads, outputs)
 
     return tf.function(step) if compiled else step
 
 
-def _jax(forward, compiled: bool):
-    """``jax.value_and_grad`` of the loss as a function of the trainable weights, as Keras's jax ``train_step``."""
+# XLA options for the probe's compile: at optimisation level 0 the seed's net compiles in 0.22 s instead
+# of 0.49 s and each call takes 0.35 ms instead of 0.16: one compile per fit against one call per epoch
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _jax(model: keras.Model, probe: tuple, forward, pack, compiled: bool):
+    """``jax.value_and_grad`` of the loss as a function of the trainable weights, as Keras's jax ``train_step``,
+    compiled ahead of time for this fit's shapes (``FAST_COMPILE``)."""
     import jax
 
-    def step(values, state, probe):
+    def packed(values, state, probe):
         def loss(vs):
             value, _, outputs = forward(vs, state, probe)
             return value, outputs
 
         (_, outputs), grads = jax.value_and_grad(loss, has_aux=True)(values)
-        return grads, outputs
+        return pack(values, grads, outputs)
 
-    return jax.jit(step) if compiled else step
+    run = [None if compiled else packed]
+
+    def step():
+        args = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables], probe)
+        if run[0] is None:
+            run[0] = jax.jit(packed).lower(*args).compile(compiler_options=FAST_COMPILE)
+        return run[0](*args)
+
+    return step
 
 
-# Keras backend -> make(forward, compiled) -> step(values, state, probe) -> (one gradient per trainable
-# variable, {tapped layer: output}). numpy and openvino have no autodiff.
+# Keras backend -> make(model, probe, forward, pack, compiled) -> step() -> one flat vector of the picked
+# weights, their gradients and the tapped outputs (``Probe.pack``). numpy and openvino have no autodiff.
 GRADIENTS = {"torch": _torch, "tensorflow": _tensorflow, "jax": _jax}
 
 
@@ -156,9 +180,11 @@ def check(probe, model: keras.Model) -> None:
 
 
 class Probe:
-    """The gradient of ``variables`` and the outputs of ``taps`` on one probe batch, for one fit of one model.
+    """The picked weights, their gradients and the tapped layers' outputs on one probe batch, for one fit.
 
-    The step is compiled on the first measure (a trace, once per fit) and reused every epoch after.
+    The step is compiled on the first measure (a trace, once per fit) and reused every epoch after; it
+    packs everything into one vector, so each measure is one copy to the host (split here), where the
+    eager probe made 55 for the seed's net.
     """
 
     def __init__(self, model: keras.Model, probe, variables: list, taps: dict[str, keras.Layer]):
@@ -167,28 +193,50 @@ class Probe:
         index = {id(v): i for i, v in enumerate(model.trainable_variables)}
         self.picked = [index[id(v)] for v in variables]
         self.forward = partial(_forward, model, taps)
-        make = GRADIENTS[keras.backend.backend()]
-        self.step, self.eager = make(self.forward, True), make(self.forward, False)
+        self.parts: list[tuple[str, tuple[int, ...]]] = []  # (what, shape) of each packed piece, in order
+        make = partial(GRADIENTS[keras.backend.backend()], model, self.probe, self.forward, self.pack)
+        self.step, self.eager = make(True), make(False)
 
-    def measure(self) -> tuple[list[torch.Tensor] | None, dict[str, torch.Tensor]]:
-        """(the picked gradients, the tapped outputs) as float64 CPU tensors.
+    def pack(self, values: list, grads: list, outputs: dict, join: bool = True):
+        """The picked ``values`` and ``grads`` and ``outputs`` as one vector, in backend ops (inside the
+        compiled step), or as a list (``join=False``: torch, where each copy is cheap and Keras's ops are
+        not); what each piece is, is noted for ``unpack``."""
+        pieces = [(f"{what}:", ts[i]) for what, ts in (("weight", values), ("grad", grads)) for i in self.picked]
+        pieces += [(f"output:{name}", t) for name, t in outputs.items()]
+        self.parts = [(what, tuple(t.shape)) for what, t in pieces]
+        if not join:
+            return [t for _, t in pieces]
+        dtype = keras.backend.result_type(*[t.dtype for _, t in pieces])  # float32, or wider: never narrowed
+        return keras.ops.concatenate([keras.ops.reshape(keras.ops.cast(t, dtype), (-1,)) for _, t in pieces])
+
+    def unpack(self, packed) -> dict[str, list | dict]:
+        """``pack``'s vector (or list) as float64 CPU tensors: ``{"weight": [...], "grad": [...], "output": {}}``."""
+        sizes = [math.prod(shape) for _, shape in self.parts]
+        pieces = [host(t) for t in packed] if isinstance(packed, list) else host(packed).split(sizes)
+        out: dict = {"weight": [], "grad": [], "output": {}}
+        for (what, shape), t in zip(self.parts, pieces, strict=True):
+            kind, key = what.split(":", 1)
+            out[kind].update({key: t.view(shape)}) if kind == "output" else out[kind].append(t.view(shape))
+        return out
+
+    def measure(self) -> dict[str, list | dict | None]:
+        """``{"weight": [...], "grad": [...], "output": {layer: ...}}`` as float64 CPU tensors.
 
         A step that raises on the model's own numbers (torch's binary cross-entropy refuses a NaN
-        prediction) gives ``None`` for the gradients and the NaN/Inf outputs, for the diagnosis to report;
-        on finite numbers a compiled step that raises is given up for the eager one, which may raise.
+        prediction) gives ``None`` for the weights and gradients and the NaN/Inf outputs, for the diagnosis
+        to report; on finite numbers a compiled step that raises is given up for the eager one, which may raise.
         """
-        values = [v.value for v in self.model.trainable_variables]
-        state = [v.value for v in self.model.non_trainable_variables]
         try:
-            grads, outputs = self.step(values, state, self.probe)
+            return self.unpack(self.step())
         except Exception:  # noqa: BLE001 - whatever the backend raises, the numbers decide what it was
+            values = [v.value for v in self.model.trainable_variables]
             with torch.no_grad():  # a no-op off the torch backend
-                _, y_pred, outputs = self.forward(values, state, self.probe, loss=False)
+                _, y_pred, outputs = self.forward(values, [v.value for v in self.model.non_trainable_variables],
+                                                  self.probe, loss=False)
             outputs = {name: host(t) for name, t in outputs.items()}
             if not all(torch.isfinite(t).all() for t in [host(y_pred), *outputs.values()]):  # sync: failures only
-                return None, outputs
+                return {"weight": None, "grad": None, "output": outputs}
             if self.step is self.eager:
                 raise
             self.step = self.eager
-            grads, outputs = self.step(values, state, self.probe)
-        return [host(grads[i]) for i in self.picked], {name: host(t) for name, t in outputs.items()}
+            return self.unpack(self.step())
