@@ -4,10 +4,10 @@ The seed measures a vanishing gradient by keeping the weights before ``fit`` and
 the weights after it: ``(old - new) / lr`` and ``|100 (old - new) / old|``. GradWatch does exactly that
 once per epoch, for every layer with a kernel, since the start of ``fit``; adds per-layer weight norms;
 and, on a probe batch you pass, takes the gradient of the compiled loss itself, because under Adam the
-weight change says little about the gradient, and each layer's output on it: its RMS, and in each hidden
-sigmoid/tanh or ReLU-family activation the saturated and dead units. Records carry the Keras layer names and the same
-statistic names as the PyTorch watcher (``stats.STATS``), so ``diagnose``, the Store and the report
-read a Keras fit exactly as they read a PyTorch run.
+weight change says little about the gradient, and each layer's output on it: its RMS, and in each
+hidden sigmoid/tanh or ReLU-family activation the saturated and dead units. Records carry the Keras
+layer names and the same statistic names as the PyTorch watcher (``stats.STATS``), so ``diagnose``,
+the Store and the report read a Keras fit exactly as they read a PyTorch run.
 
 Which backends give gradient norms and activations (``GRADIENTS``, see ``probe``): torch (autograd on a
 ``torch.jit.trace``), tensorflow (``GradientTape`` in a ``tf.function``) and jax (``jax.grad`` under
@@ -27,7 +27,7 @@ import torch
 
 from gradwatch.diagnose import THRESHOLDS
 from gradwatch.diagnose import diagnose as _diagnose
-from gradwatch.keras.probe import GRADIENTS, Probe, host
+from gradwatch.keras.probe import GRADIENTS, Probe, check, host
 from gradwatch.records import Records, Run, first_over_last
 from gradwatch.stats import Layout, activation_kinds, at, read
 from gradwatch.store import Store
@@ -93,7 +93,8 @@ def _kind(layer: keras.Layer) -> str | None:
 def _activations(leaves: list[tuple[str, keras.Layer]], kernels: list) -> list[tuple[str, str]]:
     """(name, kind) of each hidden activation: before the last kernel layer, whose activation belongs to the
     loss (a confident sigmoid output before binary cross-entropy sits at its bounds, and is meant to)."""
-    last = max((i for i, (name, _) in enumerate(leaves) if name in {n for n, _, _ in kernels}), default=0)
+    names = {name for name, _, _ in kernels}
+    last = max((i for i, (name, _) in enumerate(leaves) if name in names), default=0)
     return [(name, kind) for name, layer in leaves[:last] if (kind := _kind(layer))]
 
 
@@ -107,12 +108,13 @@ def _adaptive(optimizer) -> tuple[str, str] | None:
 
 
 class GradWatch(keras.callbacks.Callback):
-    """Records per-layer weight change, weight norms and (on a probe batch) gradient norms during ``fit``.
+    """Records per-layer weight change, weight norms and (on a probe batch) gradient norms and activation
+    statistics during ``fit``.
 
     ``probe`` is ``(x, y)`` or ``(x, y, sample_weight)``: a batch of your data on which the true gradient
-    is taken (without it, no gradient norms). ``every`` is the cadence in epochs; the last epoch is always
-    measured. ``verbose=1`` prints a plain-language summary when training ends. ``store`` (a Store or a
-    path) receives the run when training ends.
+    and the layers' outputs are taken in training mode (without it, neither). ``every`` is the cadence in
+    epochs; the last epoch is always measured. ``verbose=1`` prints a plain-language summary when training
+    ends. ``store`` (a Store or a path) receives the run when training ends.
 
     Examples:
         >>> watch = gradwatch.keras.GradWatch(probe=(x_train[:256], y_train[:256]))
@@ -146,6 +148,8 @@ class GradWatch(keras.callbacks.Callback):
         self._epoch, self._measured = -1, -1
         self._initial = [host(layer.trainable_weights[k]) for _, layer, k in self._layers]
         self._probe = None
+        if self.probe is not None:
+            check(self.probe, self.model)
         if self.probe is not None and keras.backend.backend() in GRADIENTS and self._layers:
             variables = [v for _, layer, _ in self._layers for v in layer.trainable_weights]
             taps = dict(leaves)
