@@ -215,7 +215,10 @@ class Probe:
         out: dict = {"weight": [], "grad": [], "output": {}}
         for (what, shape), t in zip(self.parts, pieces, strict=True):
             kind, key = what.split(":", 1)
-            out[kind].update({key: t.view(shape)}) if kind == "output" else out[kind].append(t.view(shape))
+            if kind == "output":
+                out[kind][key] = t.view(shape)
+            else:
+                out[kind].append(t.view(shape))
         return out
 
     def measure(self) -> dict[str, list | dict | None]:
@@ -233,7 +236,8 @@ class Probe:
                 _, y_pred, outputs = self.forward(values, [v.value for v in self.model.non_trainable_variables],
                                                   self.probe, loss=False)
             outputs = {name: host(t) for name, t in outputs.items()}
-            if not all(torch.isfinite(t).all() for t in [host(y_pred), *outputs.values()]):  # sync: failures only
+            seen = [host(t) for t in keras.tree.flatten(y_pred)] + list(outputs.values())
+            if not all(torch.isfinite(t).all() for t in seen):  # sync: on a failed probe only
                 return {"weight": None, "grad": None, "output": outputs}
             if self.step is self.eager:
                 raise
