@@ -58,7 +58,10 @@ def _number(value) -> float:
 
 
 def _leaves(model, prefix: str = "") -> list[tuple[str, keras.Layer]]:
-    """(name, layer) of every layer in call order, nested models walked and their layers named ``outer/inner``."""
+    """(name, layer) of every layer in call order, nested models walked and their layers named ``outer/inner``.
+
+    A layer of your own that holds others (a residual block) is one leaf: its kernel is the first among its
+    weights, its output the block's, and the activations inside it are not read."""
     out = []
     for layer in model.layers:
         name = prefix + layer.name
