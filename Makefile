@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sweep_throughput.py
 	$(BIN)/python benchmarks/store_scale.py
 	$(BIN)/python benchmarks/sweep_throughput.py --workload criticality
+	for backend in torch tensorflow jax; do KERAS_BACKEND=$$backend $(BIN)/python benchmarks/keras_overhead.py; done
 
 study: $(STAMP)
 	$(BIN)/gradwatch study all
