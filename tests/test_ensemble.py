@@ -109,3 +109,11 @@ def test_cheaper_cadences_keep_the_same_values_on_fewer_rows_and_the_same_summar
     assert sorted({k[1] for k in kept if k[3] == "test_loss"}) == [0, 2]  # every 2nd epoch, and the last
     assert [k for k in kept if k[3] == "loss"] == [k for k in rows if k[3] == "loss"]
     assert thin.summary == full.summary
+
+
+def test_clip_factor_rows_only_where_a_clip_happened_as_the_watcher_records_them():
+    for clip_norm, clips in ((1e6, False), (1e-3, True)):
+        spec = TINY.replace(**{"train.optimizer": "sgd", "train.clip_norm": clip_norm})
+        for run in (train_many([spec])[0], train(spec)):
+            factors = [r[4] for r in run.records.rows if r[3] == "clip_factor"]
+            assert bool(factors) == clips and all(f < 1 for f in factors), (clip_norm, run.records.stats())

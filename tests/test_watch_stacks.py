@@ -172,6 +172,32 @@ def test_a_layer_unfrozen_mid_run_is_recorded_from_then_on():
     assert w.diagnose() == []
 
 
+def test_the_first_and_last_layers_frozen_mid_run_still_give_the_gradient_before_clipping():
+    """A backward is noticed by two hooks, on the first and the last trainable layer (not one per layer,
+    each of which costs every step); freezing either moves its hook, so no update is read after clipping."""
+    torch.manual_seed(0)
+    model, (xs, ys) = Net(), data(9)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    w, expected = watch(model, opt, every=2), []
+    hooks = [p for p in model.parameters() if p._post_accumulate_grad_hooks]
+    assert hooks == [model.dense1.weight, model.out.weight]
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        if i == 3:
+            model.out.requires_grad_(False)
+        if i == 6:
+            model.dense1.requires_grad_(False)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        expected.append(by_layer(model))
+        assert nn.utils.clip_grad_norm_(model.parameters(), 0.01) > 0.01  # every step clipped
+        opt.step()
+    assert set(expected[8]) == {"dense2"}
+    assert_recorded(w, expected)
+    assert set(w.records.at("clip_factor", 8)) == {"dense2"}
+    w.detach()
+    assert not [p for p in model.parameters() if p._post_accumulate_grad_hooks]
+
+
 class TiedLM(nn.Module):
     """GPT-2's layout in miniature: the output head's weight is the token embedding."""
 

@@ -12,7 +12,7 @@ each result gains a trailing E axis.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -305,6 +305,15 @@ def clip_factor(before: Tensor, after: Tensor, members: bool = False) -> Tensor:
     return torch.where(before > 0, after / before, torch.ones_like(before))
 
 
+def clipped(factors: Sequence[float]) -> bool:
+    """Whether one step's ``clip`` values (a factor per layer, on the host) show any clipping.
+
+    Every monitor records a step's ``clip`` rows only where this holds, so a ``clip_factor`` row means
+    a clip happened, whoever recorded it; a step where clipping changed nothing (all exactly 1) leaves none.
+    """
+    return any(f != 1.0 for f in factors)
+
+
 def skipped(found_inf: Tensor, members: bool = False) -> Tensor:
     """1 where the scaler found Inf/NaN and skipped the update, else 0: its own flag as a float, shape (1,)."""
     return (found_inf > 0).float().reshape(-1)
@@ -324,8 +333,8 @@ STATS = {
     "nonfinite": Stat("grad", False, nonfinite, proof="grad_max_abs"),  # a finite max |g| proves no NaN/Inf
     "weight_norm": Stat("weight", False, norm),
     "update_ratio": Stat("update", False, update_ratio),
-    "act_rms": Stat("output", False, rms),
-    "backprop_norm": Stat("signal", False, norm),  # the signal itself, not the weights' share of it
+    "act_rms": Stat("output", False, rms, parts=(tensor_norms, layer_rms)),
+    "backprop_norm": Stat("signal", False, norm, parts=(tensor_norms, layer_norms)),  # the signal, not dL/dW
     "saturated_frac": Stat("activation", False, saturated_frac, kinds=SATURATING),
     "dead_frac": Stat("activation", False, dead_frac, parts=(unit_range, dead_of_ranges), kinds=RECTIFIERS),
     "weight_grad_norm": Stat("kernel_grad", False, norm),

@@ -20,37 +20,42 @@ LAST = {
 }
 FIRST_LAYER = ("seed_gradient", "first_layer_grad"), ("percent_change", "first_layer_pct_change")
 INIT = "weight_grad_norm"  # the first/last ratio's statistic, read at the first step that has it
+SKIPPED = "skipped"  # the loss scaler's flag, 1 at each update it skipped: summed into ``skipped_steps``
 
 
-def _read(records: Records) -> tuple[dict, dict, dict, int]:
+def _read(records: Records) -> tuple[dict, dict, dict, int, int]:
     """In one pass over the rows (a sweep summarises hundreds of runs of ~10k rows each): the last value
     of each epoch-level scalar, the first layer's value of each FIRST_LAYER stat at its last step
-    (``Records.last``), INIT's layer -> value at its first step (``Records.at``), the last loss's step."""
+    (``Records.last``), INIT's layer -> value at its first step (``Records.at``), the last loss's step,
+    the updates the loss scaler skipped."""
     scalars: dict[str, float] = {}
     first: dict[str, tuple[int, float]] = {}
     init: dict[str, float] = {}
-    start, steps = None, 0
+    start, steps, skipped = None, 0, 0
     wanted = {stat for stat, _ in FIRST_LAYER}
     for step, _, layer, stat, value in records.rows:
-        if layer == "":
+        if stat == SKIPPED:
+            skipped += value > 0
+        elif layer == "":
             scalars[stat] = value
             steps = step if stat == "loss" else steps
         elif stat in wanted and (stat not in first or first[stat][0] != step):
             first[stat] = (step, value)
         elif stat == INIT and (start is None or start == step):
             start, init[layer] = step, value
-    return scalars, {stat: v for stat, (_, v) in first.items()}, init, steps
+    return scalars, {stat: v for stat, (_, v) in first.items()}, init, steps, skipped
 
 
 def summarize(records: Records, status: str = "finished", **extra) -> dict:
     """The summary of a run whose records these are; ``extra`` (e.g. the first weights) joins it as given.
 
     ``grad_ratio_first_last`` is the first over the last Dense layer's weight-gradient norm at the
-    first step that has them (initialisation); ``steps`` the step of the last epoch's loss. Without any
+    first step that has them (initialisation); ``steps`` the step of the last epoch's loss;
+    ``skipped_steps`` the updates the loss scaler skipped (Inf/NaN found: never applied). Without any
     (a Keras fit with no probe, or on a backend without autodiff) the verdict is ``unknown``: a NaN
     ratio is no evidence of an explosion.
     """
-    scalars, first, init, steps = _read(records)
+    scalars, first, init, steps, skipped = _read(records)
     ratio = first_over_last(init)
     return {
         **{key: next((scalars[s] for s in stats if s in scalars), None) for key, stats in LAST.items()},
@@ -58,5 +63,6 @@ def summarize(records: Records, status: str = "finished", **extra) -> dict:
         "grad_ratio_first_last": ratio,
         **extra,
         "steps": steps,
+        "skipped_steps": skipped,
         "verdict": verdict(ratio, status) if init or status == "diverged" else "unknown",
     }

@@ -8,6 +8,7 @@ Records costs a C loop, not a Python one per row.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -15,6 +16,7 @@ from torch import Tensor
 from gradwatch.data import GRID, plane
 from gradwatch.ensemble.training import Ensemble
 from gradwatch.records import Records, Run
+from gradwatch.stats import STATS, clipped
 from gradwatch.summary import summarize
 
 
@@ -33,9 +35,11 @@ def _records(ens: Ensemble) -> list[Records]:
     out: list[Records] = []
     for _, part in ens.stack.groups:  # members of one activation share which stats they have
         columns: tuple[list, list, list, list] = ([], [], [], [])
-        values, cuts, k = [], [], 0
+        values, cuts, k, clips = [], [], 0, []
         for i, (step, epoch, stat, layers, v, only) in enumerate(ens.blocks):
             if only is None or only == part:
+                if stat in STATS and STATS[stat].point == "clip":
+                    clips.append((len(columns[0]), len(columns[0]) + len(layers)))
                 for column, item in zip(columns, (step, epoch, None, stat), strict=True):
                     column.extend(layers if item is None else itertools.repeat(item, len(layers)))
                 values.append(v if only is not None else v[:, part])  # (layers, E_part)
@@ -46,8 +50,21 @@ def _records(ens: Ensemble) -> list[Records]:
         rows = torch.cat(values).t().tolist()  # sync: every record of these members in one copy
         for j, member in enumerate(range(part.start, part.stop)):
             cut = cuts[ens.last_epoch[member]]
-            out.append(Records(itertools.islice(zip(steps, epochs, layers, stats, rows[j], strict=True), cut)))
+            kept = itertools.islice(zip(steps, epochs, layers, stats, rows[j], strict=True), cut)
+            out.append(Records(_clipped_only(kept, rows[j], clips)))
     return out
+
+
+def _clipped_only(rows: Iterable, values: list[float], clips: list[tuple[int, int]]) -> Iterable:
+    """``rows`` without the ``clip`` blocks (value spans) in which this member's clipping changed nothing,
+    as the watcher records them (``stats.clipped``)."""
+    drop = [(a, b) for a, b in clips if not clipped(values[a:b])]
+    if not drop:
+        return rows
+    keep = [True] * len(values)
+    for a, b in drop:
+        keep[a:b] = [False] * (b - a)
+    return itertools.compress(rows, keep)
 
 
 @torch.no_grad()

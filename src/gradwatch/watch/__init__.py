@@ -12,10 +12,13 @@ tensors' device and reach the host in one copy per ``every`` steps (the monitor'
 unlike Cockpit's always-on extensions.
 
 What keeps it cheap (``benchmarks/monitor_overhead.py``): the per-step Python is the optimizer's step
-hooks and a one-line hook per gradient that queues one read at the backward's end; a step's per-tensor
-reads are combined per layer at the flush, many steps at once (an entry's ``parts``); entries that share
-a read (max and mean |g|) share one pass over memory; the weights' copy before a sampled step reuses its
-buffer; an entry with a ``proof`` (NaN/Inf counts) is read only where its proof (max |g|) is not finite.
+hooks and two one-line gradient hooks (first and last trainable layer) that queue one read at the
+backward's end, not a hook per layer; a step's per-tensor reads are combined per layer at the flush, many
+steps at once (an entry's ``parts``), and a sampled step's module hooks read one kernel's worth each,
+combined for all layers at the step's end; entries that share a read (max and mean |g|) share one pass
+over memory; the weights' copy before a sampled step reuses its buffer; the clip entries are not read
+where nothing wrote to the gradients since the backward (their version counters); an entry with a
+``proof`` (NaN/Inf counts) is read only where its proof (max |g|) is not finite.
 Most of what remains is memory traffic that any exact monitor at this cadence pays: the benchmark's
 ``floor`` line.
 """
@@ -33,7 +36,8 @@ from torch.autograd import Variable
 
 from gradwatch.diagnose import diagnose as _diagnose
 from gradwatch.records import Records, Run
-from gradwatch.stats import at, read
+from gradwatch.stats import at, clipped, read
+from gradwatch.summary import summarize
 from gradwatch.watch.grads import (
     Gradient,
     Patterns,
@@ -79,7 +83,9 @@ class Watcher:
         self._unchecked: tuple[int, int, Gradient] | None = None  # gradients a proof may clear
         self._snapshot = Snapshot()
         self._updated, self._queued = False, False
-        self._handles: list = []
+        self._handles: list = []  # the optimizer's step hooks
+        self._sentinels: list[tuple[Tensor, object]] = []  # (parameter, its hook): where a backward is noticed
+        self._watching = False  # hooked: this process records (rank 0), and not detached
         # a compiled model (``torch.compile(model)``, ``model.compile()``) runs its graph, not its modules'
         # hooks: gradient and update statistics only (compile after watch: ``Probes`` turn inert)
         compiled = hasattr(model, "_orig_mod") or getattr(unwrap(model), "_compiled_call_impl", None) is not None
@@ -87,11 +93,9 @@ class Watcher:
         self._probes = Probes([(name or "model", m) for name, m in modules], {n: i for i, n in enumerate(self._names)})
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return  # only rank 0 watches: gradients are all-reduced, so every rank would record the same
-        if not driven:  # one hook per layer, on its first trainable parameter: any layer that gets a gradient
-            # queues the read of all of them (a frozen one's too, once unfrozen). A hook costs ~9 us a step:
-            # 44 no-op hooks made a 17.8 ms MLP step 2.1% slower, one per layer halves that
-            firsts = [next((p for p in ps if p.requires_grad), None) for _, ps in self._layers]
-            self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in firsts if p is not None]
+        self._watching = True
+        if not driven:
+            self._place()
         if self.optimizer is None:
             warnings.warn(NO_OPTIMIZER, stacklevel=3)
         else:  # weights old (the update's gradient is committed here unless driven); then weights new
@@ -101,8 +105,24 @@ class Watcher:
         self._arm()
 
     # --- events -------------------------------------------------------------------------------
+    def _place(self) -> None:
+        """Hook the first trainable parameter of the first and of the last trainable layer (the head).
+
+        A backward is noticed where a sentinel's gradient lands, and read once, when the whole backward
+        ends (``queue_callback``, as DDP's reducer finalises its all-reduce): gradients of any layer,
+        frozen ones' too once unfrozen. Two hooks, not one per layer: a Python hook costs ~9 us a step
+        (44 no-op ones made a 17.8 ms MLP step 2.1% slower). A sentinel frozen later is moved at the next
+        step's end; a backward that reaches neither is read at the optimizer step (``_on_before_step``).
+        """
+        for _, handle in self._sentinels:
+            handle.remove()
+        trainable = [[p for p in ps if p.requires_grad] for _, ps in self._layers]
+        firsts = [ps[0] for ps in trainable if ps]
+        chosen = list({id(p): p for p in (firsts[:1] + firsts[-1:])}.values())
+        self._sentinels = [(p, p.register_post_accumulate_grad_hook(self._on_grad)) for p in chosen]
+
     def _on_grad(self, _param: Tensor) -> None:
-        """A parameter's gradient landed: read the gradients once, when the whole backward ends."""
+        """A sentinel's gradient landed: read the gradients once, when the whole backward ends."""
         if not self._queued:
             self._queued = True
             Variable._execution_engine.queue_callback(self._queue_again)
@@ -133,8 +153,10 @@ class Watcher:
     def _on_before_step(self, optimizer, *_args) -> None:
         """The optimizer's step pre-hook: gradients clipped, unscaled (fused AMP: still scaled)."""
         scale, now, found_inf = loss_scales(optimizer, self.scaler)
-        if self._latest is None:  # no backward hook fired (all frozen at watch(), or gradients set by hand)
+        if self._latest is None:  # no sentinel saw a backward (none reached, or gradients set by hand)
             self._latest, scale = self._reads.read(self._patterns, self._params, self._sampled()), now
+            if self._latest is not None:
+                self._place()  # hook layers that do get gradients from now on
         self.before_step(scale, now=now, found_inf=found_inf)
 
     def before_step(self, scale: Tensor | None = None, now: Tensor | None = None,
@@ -178,11 +200,13 @@ class Watcher:
         if self._sampled():
             self.flush()
         self.step += 1
+        if not all(p.requires_grad for p, _ in self._sentinels):  # one was frozen: move it
+            self._place()
         self._arm()
 
     def _arm(self) -> None:
         """Register the module hooks for the coming step, only if it is sampled (fastai's ``every``)."""
-        if self._handles and self._sampled() and not self._probes.compiled:
+        if self._watching and self._sampled() and not self._probes.compiled:
             self._probes.arm(self.step)
 
     # --- statistics ---------------------------------------------------------------------------
@@ -202,7 +226,8 @@ class Watcher:
     def _prove(self, proof: str, values: list[float]) -> None:
         """Record the entries ``proof`` vouches for on the sampled step's gradients: zeros when all of
         its values are finite, else read (a second sync, in a diverging run, where speed no longer matters)."""
-        step, epoch, (layers, *_, grads) = self._unchecked
+        step, epoch, kept = self._unchecked
+        layers, grads = kept.layers, kept.grads
         finite = all(map(math.isfinite, values))
         for stat, s in self._reads.proved.items():
             if s.proof == proof:
@@ -237,8 +262,8 @@ class Watcher:
         skipped = {r[0] for r, end in zip(rows, ends, strict=True) if r[2] in self._scaler and flat[end - 1] > 0}
         for (step, epoch, stat, names), end in zip(rows, ends, strict=True):
             row = flat[end - len(names) : end]
-            if (step in skipped and stat not in self._scaler) or (stat in self._reads.clips and set(row) == {1.0}):
-                continue  # a clip factor of exactly 1 everywhere: nothing was clipped
+            if (step in skipped and stat not in self._scaler) or (stat in self._reads.clips and not clipped(row)):
+                continue
             self.records.add_layers(step, epoch, stat, names, row)
             if stat in proofs and self._unchecked and self._unchecked[0] == step:
                 self._prove(stat, row)
@@ -264,12 +289,11 @@ class Watcher:
         return _diagnose(self.records)
 
     def run(self, **fields) -> Run:
-        """The records as a :class:`Run`, ready for ``Store.put_run``; its summary counts skipped updates."""
+        """The records as a :class:`Run`, ready for ``Store.put_run``, summarised as every producer's are
+        (:func:`gradwatch.summary.summarize`: skipped updates counted there); ``summary`` adds to it."""
         self.flush()
-        skipped = sum(r[4] for r in self.records.rows if r[3] in self._scaler)
-        if skipped:
-            fields["summary"] = {"skipped_steps": skipped, **fields.get("summary", {})}
-        return Run(records=self.records, **fields)
+        summary = summarize(self.records, fields.get("status", "finished"))
+        return Run(records=self.records, **{**fields, "summary": {**summary, **fields.get("summary", {})}})
 
     def detach(self) -> None:
         """Remove every hook; the model then runs exactly as if it had never been watched."""
@@ -277,9 +301,10 @@ class Watcher:
             self._skip()
         self.flush()
         self._probes.disarm()
-        for handle in self._handles:
+        for handle in [*self._handles, *(h for _, h in self._sentinels)]:
             handle.remove()
-        self._handles, self._updated, self._unchecked, self._latest, self._awaiting = [], False, None, None, False
+        self._handles, self._sentinels, self._watching = [], [], False
+        self._updated, self._unchecked, self._latest, self._awaiting = False, None, None, False
         self._snapshot = Snapshot()
 
     def __enter__(self) -> Watcher:

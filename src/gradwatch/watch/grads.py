@@ -101,6 +101,7 @@ class Gradient(NamedTuple):
     now: dict[str, Tensor]  # every-step entries without parts, then (sampled steps) the sampled ones, per layer
     norms: Tensor | None  # sampled steps: per-tensor L2 norms before clipping, for the ``clip`` point
     grads: list[Tensor]  # the tensors themselves: clipped in place later, and the proofs' NaN/Inf counts
+    versions: tuple[int, ...] = ()  # sampled steps: the tensors' version counters, which in-place clipping bumps
 
 
 class StepReads:
@@ -130,12 +131,13 @@ class StepReads:
                     reads[s.parts[0]] = s.parts[0](grads)
             else:
                 now[stat] = s.fn(grads, layers.layout)
-        norms = None
+        norms, versions = None, ()
         if sampled:
             now.update(read(self.sampled, grads, layers.layout))
             norms = reads.get(tensor_norms) if self.clips else None
             norms = tensor_norms(grads) if self.clips and norms is None else norms
-        return Gradient(layers, reads, now, norms, grads)
+            versions = tuple(g._version for g in grads)
+        return Gradient(layers, reads, now, norms, grads, versions)
 
     def commit(self, step: int, epoch: int, kept: Gradient, inverse: Tensor | None) -> dict[str, Tensor]:
         """Queue ``kept``'s every-step reads as ``step``'s, times ``inverse`` (1 / loss scale): every read
@@ -146,7 +148,11 @@ class StepReads:
 
     def clip(self, kept: Gradient, scale: Tensor | None, now: Tensor | None) -> dict[str, Tensor]:
         """The ``clip`` entries: the gradients' per-layer norm now (clipped) against ``kept``'s (before),
-        each unscaled (``scale``: the backward's loss scale; ``now``: the scale they carry now)."""
+        each unscaled (``scale``: the backward's loss scale; ``now``: the scale they carry now); none when
+        nothing wrote to the gradients since they were read (their version counters): a factor of 1, read
+        at no cost, where most loops do not clip."""
+        if tuple(g._version for g in kept.grads) == kept.versions:
+            return {}
         layout = kept.layers.layout
         before = layer_norms(kept.norms, layout) / (1.0 if scale is None else scale)
         after = layer_norms(tensor_norms(kept.grads), layout) / (1.0 if now is None else now)

@@ -48,7 +48,8 @@ class Probes:
         self.step: int | None = None
         self.pieces: dict[str, dict[str, object]] = {}
         self.seen: set[tuple[str, str]] = set()
-        self.layouts: dict[int, Layout] = {}  # one-tensor layouts by element count
+        self.sizes: dict[tuple[str, str], int] = {}  # (point, layer) -> elements of the tensor read there
+        self.layouts: dict[tuple, Layout] = {}  # by those sizes in model order, and device
 
     def arm(self, step: int) -> None:
         self.step, self.seen, self.states, self.calls = step, set(), {}, 0
@@ -77,10 +78,24 @@ class Probes:
         return True
 
     def _one(self, point: str, name: str, t: Tensor) -> None:
-        """Each ``point`` entry on one layer's tensor."""
-        layout = self.layouts.get(t.numel()) or self.layouts.setdefault(t.numel(), Layout.of([[t]]))
-        for stat, value in read(self.points[point], [t.float()], layout).items():  # float: fp16 norms overflow
-            self.pieces[stat][name] = value[0]
+        """Each ``point`` entry's read on one layer's tensor, combined for all layers at once in ``collect``
+        (one kernel per entry here, not the five of a whole ``fn``: 41 such hooks run on an MLP's sampled step)."""
+        t, shared = t.float(), {}  # float: fp16 norms overflow
+        self.sizes[point, name] = t.numel()
+        for stat, s in self.points[point].items():
+            if s.parts is None:  # the whole fn, on this one layer: (1,)
+                self.pieces[stat][name] = s.fn([t], self._layout((t.numel(),), t.device))
+                continue
+            if s.parts[0] not in shared:
+                shared[s.parts[0]] = s.parts[0]([t])
+            self.pieces[stat][name] = shared[s.parts[0]]
+
+    def _layout(self, sizes: tuple[int, ...], device: torch.device) -> Layout:
+        """One tensor per layer, of these element counts; built once per pattern."""
+        if (sizes, device) not in self.layouts:
+            numel = torch.tensor(sizes, dtype=torch.float32, device=device)
+            self.layouts[sizes, device] = Layout(torch.arange(len(sizes), device=device), numel, len(sizes), True)
+        return self.layouts[sizes, device]
 
     def _on_forward(self, name: str, _module, _inputs, output) -> None:
         """A layer's output: its statistics now, and a hook on the autograd node that made it."""
@@ -151,7 +166,13 @@ class Probes:
             if pieces:
                 names = sorted(pieces, key=lambda n: self.order.get(n, -1))
                 s, values = self.entries[stat], [pieces[n] for n in names]
-                combined = s.parts[1](values) if s.parts and s.point == "activation" else torch.stack(values)
+                if s.point == "activation":
+                    combined = s.parts[1](values) if s.parts else torch.stack(values)
+                elif s.parts:  # (L,) reads of one tensor per layer
+                    layout = self._layout(tuple(self.sizes[s.point, n] for n in names), values[0].device)
+                    combined = s.parts[1](torch.cat(values), layout)
+                else:
+                    combined = torch.cat(values)
                 if inverse is not None and s.point == "signal":
                     combined = combined * inverse
                 out.append((stat, names, combined))
