@@ -201,12 +201,15 @@ def update_ratio(before: list[Tensor], after: list[Tensor], layout: Layout, memb
     """||W_new - W_old|| / ||W_old|| per layer; ~1e-3 is Karpathy's rule of thumb for healthy training.
 
     Each difference is a temporary freed before the next is made (see ``_sums``), so no copy of
-    the weights is allocated whole.
+    the weights is allocated whole; each old tensor's norm is read just before its difference, while
+    it is still in cache, not in a second pass over all the weights.
     """
     dims = {"dim": 1} if members else {}
-    change = torch.stack([torch.linalg.vector_norm(_rows(b - a, members).float(), **dims)
-                          for b, a in zip(before, after, strict=True)])
-    return layer_norms(change, layout) / norm(before, layout, members).clamp_min(1e-30)
+    old, change = [], []
+    for b, a in zip(before, after, strict=True):
+        old.append(torch.linalg.vector_norm(_rows(b, members).float(), **dims))
+        change.append(torch.linalg.vector_norm(_rows(b - a, members).float(), **dims))
+    return layer_norms(torch.stack(change), layout) / layer_norms(torch.stack(old), layout).clamp_min(1e-30)
 
 
 # --- activations -------------------------------------------------------------------------------
