@@ -3,9 +3,10 @@
 import math
 
 import pytest
+import torch
 
 from gradwatch import nets
-from gradwatch.ensemble import shape_key, train_many
+from gradwatch.ensemble import fast, shape_key, train_many
 from gradwatch.spec import Spec, SpecError
 from gradwatch.train import train
 
@@ -117,3 +118,14 @@ def test_clip_factor_rows_only_where_a_clip_happened_as_the_watcher_records_them
         for run in (train_many([spec])[0], train(spec)):
             factors = [r[4] for r in run.records.rows if r[3] == "clip_factor"]
             assert bool(factors) == clips and all(f < 1 for f in factors), (clip_norm, run.records.stats())
+
+
+@pytest.mark.parametrize("name", list(nets.ACTIVATIONS))
+def test_hand_written_activation_fills_a_strided_buffer_as_its_module(name):
+    """fast.ACTS writes into a slice of the next layer's input, (E, H, B) of (E, H + 1, B), for many members."""
+    module = nets.ACTIVATIONS[name]()
+    if type(module).__name__ not in fast.ACTS:
+        pytest.skip("trained through autograd")
+    z, h = torch.randn(8, 10, 32), torch.ones(8, 11, 32)
+    fast.ACTS[type(module).__name__][0](module, z, h[:, :-1])
+    assert torch.allclose(h[:, :-1], module(z), atol=1e-6)

@@ -34,7 +34,8 @@ ACTS = {
             lambda m, g, z, a, out: aten.elu_backward.grad_input(g, m.alpha, 1.0, 1.0, False, z, grad_input=out)),
     "SELU": (lambda m, z, out: nn_ops.elu(z, *SELU, 1.0, out=out),  # aten's selu is elu(x, alpha, scale)
              lambda m, g, z, a, out: aten.elu_backward.grad_input(g, *SELU, 1.0, False, z, grad_input=out)),
-    "GELU": (lambda m, z, out: nn_ops.gelu(z, approximate=m.approximate, out=out),
+    # gelu's out= variant fills a strided out (a slice of the next input) wrongly for more than one member
+    "GELU": (lambda m, z, out: out.copy_(nn_ops.gelu(z, approximate=m.approximate)),
              lambda m, g, z, a, out: aten.gelu_backward.grad_input(g, z, approximate=m.approximate, grad_input=out)),
     "Identity": (lambda m, z, out: out.copy_(z), lambda m, g, z, a, out: out.copy_(g)),
 }
