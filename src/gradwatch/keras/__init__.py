@@ -110,6 +110,18 @@ def _adaptive(optimizer) -> tuple[str, str] | None:
     return None
 
 
+def _proved(stats: dict, *args) -> dict:
+    """``read`` of ``stats``, an entry with a ``proof`` read only where its proof is not finite everywhere: zeros
+    otherwise, as the PyTorch watcher records them (a finite max |g| proves no NaN/Inf in a layer's gradient)."""
+    values = read({name: s for name, s in stats.items() if not s.proof}, *args)
+    for name, s in stats.items():
+        if s.proof and torch.isfinite(values[s.proof]).all():  # sync: none, host tensors
+            values[name] = torch.zeros_like(values[s.proof])
+        elif s.proof:
+            values[name] = s.fn(*args)
+    return {name: values[name] for name in stats}  # table order
+
+
 class GradWatch(keras.callbacks.Callback):
     """Records per-layer weight change, weight norms and (on a probe batch) gradient norms and activation
     statistics during ``fit``.
@@ -237,7 +249,7 @@ class GradWatch(keras.callbacks.Callback):
         if flat is not None:
             groups = self._groups(flat)
             kernels = [[group[k]] for group, (_, _, k) in zip(groups, self._layers, strict=True)]
-            values = read(at("grad"), flat, self._layout("layers", groups))
+            values = _proved(at("grad"), flat, self._layout("layers", groups))
             values.update(read(at("kernel_grad"), [k for [k] in kernels], self._layout("kernels", kernels)))
             self._record(step, epoch, values)
         names = [name for name, _, _ in self._layers if name in outputs]

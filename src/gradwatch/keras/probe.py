@@ -10,6 +10,7 @@ Keras's per-layer Python once more per epoch, which cost the seed's 7-step epoch
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from functools import partial
@@ -19,8 +20,9 @@ import numpy as np
 import torch
 
 
-def _forward(model: keras.Model, taps: dict[str, keras.Layer], values: list, state: list, probe, loss: bool = True):
-    """(the compiled loss, the model's output, {tapped layer: its output}) on the probe in training mode.
+def _forward(model: keras.Model, taps: list[keras.Layer], values: list, state: list, probe, loss: bool = True):
+    """(the compiled loss, the model's output, {tapped layer's position in ``taps``: its output}) on the probe
+    in training mode (positions, not names: a step traced on one model serves another of its structure).
 
     Training mode, because its gradient is the one the optimizer applies: in inference mode batch norm
     divides by moving statistics that lag the weights (momentum 0.99), and a batch-norm net that trains
@@ -30,16 +32,16 @@ def _forward(model: keras.Model, taps: dict[str, keras.Layer], values: list, sta
     tracker) is returned and dropped, so measuring leaves ``fit``'s own training untouched. A layer called
     twice keeps its first output, as the PyTorch watcher's probes do.
     """
-    seen: dict[str, object] = {}
+    seen: dict[int, object] = {}
 
-    def tap(name: str, call, *args, **kwargs):
+    def tap(i: int, call, *args, **kwargs):
         out = call(*args, **kwargs)
         if hasattr(out, "shape") and hasattr(out, "dtype"):  # one tensor: not an RNN's (output, state) tuple
-            seen.setdefault(name, out)
+            seen.setdefault(i, out)
         return out
 
-    for name, layer in taps.items():
-        layer.__dict__["call"] = partial(tap, name, layer.call)  # an instance attribute shadows the method
+    for i, layer in enumerate(taps):
+        layer.__dict__["call"] = partial(tap, i, layer.call)  # an instance attribute shadows the method
     try:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(tuple(probe))
         y_pred, _ = model.stateless_call(values, state, x, training=True)
@@ -49,9 +51,9 @@ def _forward(model: keras.Model, taps: dict[str, keras.Layer], values: list, sta
             value, _ = model.stateless_compute_loss(values, state, metrics, x=x, y=y, y_pred=y_pred,
                                                     sample_weight=sample_weight, training=True)
     finally:
-        for layer in taps.values():
+        for layer in taps:
             layer.__dict__.pop("call", None)
-    return value, y_pred, seen
+    return value, y_pred, dict(sorted(seen.items()))
 
 
 class _Traced:
@@ -75,19 +77,18 @@ class _Traced:
             return self.graph(*flat)
 
 
-def _torch(model: keras.Model, probe: tuple, forward, pack, compiled: bool):
+def _torch(model: keras.Model, probe: tuple, forward, pack, compiled: bool, shared: dict):
     """``torch.autograd.grad`` of the (traced) forward's loss: leaves ``.grad`` untouched, so fit's step is
     unaffected. Keras's unseeded torch dropout draws from torch's global generator: forked, so fit's masks
-    stay its own."""
+    stay its own. The trace and the order of its outputs are kept in ``shared`` (see ``Probe``)."""
     n, m = len(model.trainable_variables), len(model.non_trainable_variables)
-    names: list[str] = []  # the tapped layers, in the order of the graph's outputs: noted when it is traced
 
     def loss_and_outputs(*flat):
         loss, _, outputs = forward(list(flat[:n]), list(flat[n : n + m]), flat[n + m :])
-        names[:] = outputs
+        shared["taps"] = list(outputs)  # the tapped layers, in the order of the graph's outputs
         return loss, tuple(outputs.values())
 
-    run = _Traced(loss_and_outputs) if compiled else loss_and_outputs
+    run = shared.setdefault("run", _Traced(loss_and_outputs)) if compiled else loss_and_outputs
 
     def step():
         values = [v.value for v in model.trainable_variables]
@@ -96,14 +97,15 @@ def _torch(model: keras.Model, probe: tuple, forward, pack, compiled: bool):
             loss, outputs = run(*values, *[v.value for v in model.non_trainable_variables], *probe)
             grads = torch.autograd.grad(loss, values, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(values, grads, strict=True)]
-        return pack(values, grads, dict(zip(names, outputs, strict=True)), join=False)
+        return pack(values, grads, dict(zip(shared["taps"], outputs, strict=True)), join=False)
 
     return step
 
 
-def _tensorflow(model: keras.Model, probe: tuple, forward, pack, compiled: bool):
+def _tensorflow(model: keras.Model, probe: tuple, forward, pack, compiled: bool, shared: dict):
     """``GradientTape`` as in Keras's tensorflow ``train_step``, inside one ``tf.function`` that reads the
-    variables itself (captured by reference: nothing to bind per call)."""
+    variables itself (captured by reference: nothing to bind per call, and nothing to share with another
+    model's fit: ``shared`` is unused)."""
     import tensorflow as tf
 
     def step():
@@ -122,9 +124,10 @@ def _tensorflow(model: keras.Model, probe: tuple, forward, pack, compiled: bool)
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def _jax(model: keras.Model, probe: tuple, forward, pack, compiled: bool):
+def _jax(model: keras.Model, probe: tuple, forward, pack, compiled: bool, shared: dict):
     """``jax.value_and_grad`` of the loss as a function of the trainable weights, as Keras's jax ``train_step``,
-    compiled ahead of time for this fit's shapes (``FAST_COMPILE``)."""
+    under one ``jax.jit`` kept in ``shared`` (``FAST_COMPILE``), whose C++ dispatch costs ~0.05 ms a call
+    where an ahead-of-time ``Compiled`` object's Python one cost ~0.4."""
     import jax
 
     def packed(values, state, probe):
@@ -135,18 +138,16 @@ def _jax(model: keras.Model, probe: tuple, forward, pack, compiled: bool):
         (_, outputs), grads = jax.value_and_grad(loss, has_aux=True)(values)
         return pack(values, grads, outputs)
 
-    run = [None if compiled else packed]
+    run = shared.setdefault("run", jax.jit(packed, compiler_options=FAST_COMPILE)) if compiled else packed
 
     def step():
-        args = ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables], probe)
-        if run[0] is None:
-            run[0] = jax.jit(packed).lower(*args).compile(compiler_options=FAST_COMPILE)
-        return run[0](*args)
+        return run([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
+                   probe)
 
     return step
 
 
-# Keras backend -> make(model, probe, forward, pack, compiled) -> step() -> one flat vector of the picked
+# Keras backend -> make(model, probe, forward, pack, compiled, shared) -> step() -> one flat vector of the picked
 # weights, their gradients and the tapped outputs (``Probe.pack``). numpy and openvino have no autodiff.
 GRADIENTS = {"torch": _torch, "tensorflow": _tensorflow, "jax": _jax}
 
@@ -179,22 +180,82 @@ def check(probe, model: keras.Model) -> None:
         raise ValueError(f"probe: got shapes {', '.join(map(str, shapes))}; {allowed}")
 
 
+def _config(obj) -> str | None:
+    """A Keras layer's or loss's config without its name, as text; None for a class of your own (its Python
+    may do what no config says) or a config Keras cannot give."""
+    if not type(obj).__module__.startswith("keras."):
+        return None
+    try:
+        config = obj.get_config()
+    except NotImplementedError:
+        return None
+    return json.dumps({k: v for k, v in config.items() if k != "name"}, sort_keys=True, default=repr)
+
+
+def structure(model: keras.Model, taps: list[keras.Layer], probe: tuple) -> tuple | None:
+    """Everything a trace of the probe's step reads besides the numbers it is given: each layer's class and
+    config (its name aside), which layers are tapped, the loss, every variable's shape and dtype, the probe's
+    shapes and dtypes. Two fits with equal structures run the same graph, so one trace serves both; None
+    (every fit traces its own) for a model whose configs cannot say it: not a ``Sequential`` of Keras's
+    own layers with a built-in loss."""
+    layers: list[keras.Layer] = []
+
+    def walk(container) -> bool:
+        for layer in container.layers:
+            if type(layer) is keras.Sequential:
+                layers.append(layer)
+                if not walk(layer):
+                    return False
+            elif getattr(layer, "layers", None) or _config(layer) is None:
+                return False
+            else:
+                layers.append(layer)
+        return True
+
+    loss = model.loss if isinstance(model.loss, str) else _config(model.loss)
+    if type(model) is not keras.Sequential or loss is None or not walk(model):
+        return None
+    configs = tuple(("trainable", layer.trainable) if type(layer) is keras.Sequential else (type(layer), _config(layer))
+                    for layer in layers)
+    position = {id(layer): i for i, layer in enumerate(layers)}
+    variables = tuple((tuple(v.shape), str(v.dtype), v.trainable) for v in model.variables)
+    return (keras.backend.backend(), configs, tuple(position[id(t)] for t in taps), loss, variables,
+            tuple((tuple(a.shape), str(a.dtype)) for a in probe))
+
+
+# structure() -> what a fit of that structure shares with the next (a compiled step, its outputs' order and
+# the packed vector's layout): the compile is paid once per process, not once per fit. Bounded: the oldest
+# structure is dropped first.
+SHARED: dict[tuple, dict] = {}
+SHARED_MAX = 16
+
+
+def _shared(key: tuple | None) -> dict:
+    if key is None:
+        return {}
+    if key not in SHARED and len(SHARED) >= SHARED_MAX:
+        SHARED.pop(next(iter(SHARED)))
+    return SHARED.setdefault(key, {})
+
+
 class Probe:
     """The picked weights, their gradients and the tapped layers' outputs on one probe batch, for one fit.
 
-    The step is compiled on the first measure (a trace, once per fit) and reused every epoch after; it
-    packs everything into one vector, so each measure is one copy to the host (split here), where the
-    eager probe made 55 for the seed's net.
+    The step is compiled on the first measure (a trace) and reused every epoch after, and by later fits of
+    a model of the same ``structure``; it packs everything into one vector, so each measure is one copy to
+    the host (split here), where the eager probe made 55 for the seed's net.
     """
 
     def __init__(self, model: keras.Model, probe, variables: list, taps: dict[str, keras.Layer]):
         self.model, self.probe = model, tuple(keras.ops.convert_to_tensor(a) for a in probe)
         index = {id(v): i for i, v in enumerate(model.trainable_variables)}
         self.picked = [index[id(v)] for v in variables]
-        self.forward = partial(_forward, model, taps)
-        self.parts: list[tuple[str, tuple[int, ...]]] = []  # (what, shape) of each packed piece, in order
+        self.names = list(taps)  # the tapped layers' names, by the position the step knows them by
+        self.forward = partial(_forward, model, list(taps.values()))
+        shared = _shared(structure(model, list(taps.values()), self.probe))
+        self.parts: list[tuple[str, tuple[int, ...]]] = shared.setdefault("parts", [])  # (what, shape) packed
         make = partial(GRADIENTS[keras.backend.backend()], model, self.probe, self.forward, self.pack)
-        self.step, self.eager = make(True), make(False)
+        self.step, self.eager = make(True, shared), make(False, shared)
 
     def pack(self, values: list, grads: list, outputs: dict, join: bool = True):
         """The picked ``values`` and ``grads`` and ``outputs`` as one vector, in backend ops (inside the
@@ -202,7 +263,7 @@ class Probe:
         not); what each piece is, is noted for ``unpack``."""
         pieces = [(f"{what}:", ts[i]) for what, ts in (("weight", values), ("grad", grads)) for i in self.picked]
         pieces += [(f"output:{name}", t) for name, t in outputs.items()]
-        self.parts = [(what, tuple(t.shape)) for what, t in pieces]
+        self.parts[:] = [(what, tuple(t.shape)) for what, t in pieces]  # in place: another fit may share it
         if not join:
             return [t for _, t in pieces]
         dtype = keras.backend.result_type(*[t.dtype for _, t in pieces])  # float32, or wider: never narrowed
@@ -216,7 +277,7 @@ class Probe:
         for (what, shape), t in zip(self.parts, pieces, strict=True):
             kind, key = what.split(":", 1)
             if kind == "output":
-                out[kind][key] = t.view(shape)
+                out[kind][self.names[int(key)]] = t.view(shape)
             else:
                 out[kind].append(t.view(shape))
         return out
@@ -235,7 +296,7 @@ class Probe:
             with torch.no_grad():  # a no-op off the torch backend
                 _, y_pred, outputs = self.forward(values, [v.value for v in self.model.non_trainable_variables],
                                                   self.probe, loss=False)
-            outputs = {name: host(t) for name, t in outputs.items()}
+            outputs = {self.names[i]: host(t) for i, t in outputs.items()}
             seen = [host(t) for t in keras.tree.flatten(y_pred)] + list(outputs.values())
             if not all(torch.isfinite(t).all() for t in seen):  # sync: on a failed probe only
                 return {"weight": None, "grad": None, "output": outputs}
