@@ -59,17 +59,44 @@ def gradients(model, x, y) -> list[np.ndarray]:
         [w.value for w in weights])]
 
 
+def dense_norms(model, x, y) -> list[float]:
+    """Each Dense layer's gradient L2 norm (kernel and bias together), by the backend's own autodiff."""
+    grads = gradients(model, keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y))
+    dense = [i for i, w in enumerate(model.trainable_weights) if "dense" in w.path]
+    return [math.sqrt(float((grads[i] ** 2).sum() + (grads[i + 1] ** 2).sum())) for i in dense[::2]]
+
+
 def test_probe_norms_equal_the_backends_own_gradient_in_training_mode(moons):
     x, y = moons
-    twin = bn_model()  # the same weights; the independent gradient is taken on it
-    grads = gradients(twin, keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y))
-    dense = [i for i, w in enumerate(twin.trainable_weights) if "dense" in w.path]
-    want = [math.sqrt(float((grads[i] ** 2).sum() + (grads[i + 1] ** 2).sum())) for i in dense[::2]]
+    want = dense_norms(bn_model(), x, y)  # on a twin: the same weights
     watch = GradWatch(probe=(x, y), verbose=0)
     bn_model().fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[watch])
     got = list(watch.records.at("grad_norm", 0).values())
     assert got == pytest.approx(want, rel=1e-4)
     assert got[0] / got[-1] > 1e-2  # batch norm keeps the first layer's gradient: not the plain sigmoid net's
+
+
+def test_fits_of_one_structure_share_the_probes_step_and_each_model_reads_its_own_gradient(moons):
+    """The probe's step is compiled once per model structure and process; a net of the same shapes with
+    another activation is another structure, and every net, sharing or not, reads its own gradient."""
+    from gradwatch.keras import probe
+
+    x, y = moons
+
+    def fit(activation: str, seed: int) -> set:
+        keras.utils.set_random_seed(seed)
+        model = keras.Sequential([keras.Input((2,)), *[keras.layers.Dense(7, activation) for _ in range(4)],
+                                  keras.layers.Dense(1, "sigmoid")])
+        model.compile(optimizer=keras.optimizers.SGD(0.0), loss="binary_crossentropy")
+        want, before = dense_norms(model, x, y), set(probe.SHARED)
+        watch = GradWatch(probe=(x, y), verbose=0)
+        model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[watch])
+        assert list(watch.records.at("grad_norm", 0).values()) == pytest.approx(want, rel=1e-4)
+        return set(probe.SHARED) - before  # the structures this fit added
+
+    assert len(fit("sigmoid", 1)) == 1
+    assert len(fit("relu", 2)) == 1  # the same shapes, another graph
+    assert fit("sigmoid", 3) == set()  # other weights, the first fit's step
 
 
 def test_the_watched_fit_ends_with_the_bare_fits_weights(moons):

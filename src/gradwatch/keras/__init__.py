@@ -122,6 +122,24 @@ def _proved(stats: dict, *args) -> dict:
     return {name: values[name] for name in stats}  # table order
 
 
+def _by_shape(read_members, *columns: list) -> dict[str, torch.Tensor]:
+    """``read_members(*columns)``'s entries, (L,) each in layer order, from one call per group of layers whose
+    tensors agree in shape (and whose other items agree): each group's tensors stacked on the STATS member
+    axis, so the seed's nine 10 x 10 kernels are one call, not nine. Each member is reduced alone, over the
+    same values in the same order: the numbers are those of one call per layer."""
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(zip(*columns, strict=True)):
+        key = tuple(tuple(c.shape) if isinstance(c, torch.Tensor) else c for c in row)
+        groups.setdefault(key, []).append(i)
+    out: dict[str, torch.Tensor] = {}
+    for rows in groups.values():
+        args = [[torch.stack([c[i] for i in rows]) if isinstance(c[rows[0]], torch.Tensor) else c[rows[0]]]
+                for c in columns]
+        for name, value in read_members(*args).items():  # (1, members) each
+            out.setdefault(name, value.new_empty(len(columns[0])))[rows] = value[0]
+    return out
+
+
 class GradWatch(keras.callbacks.Callback):
     """Records per-layer weight change, weight norms and (on a probe batch) gradient norms and activation
     statistics during ``fit``.
@@ -235,7 +253,8 @@ class GradWatch(keras.callbacks.Callback):
             [host(v) for v in layer.trainable_weights] for _, layer, _ in self._layers]
         kernels = [ws[k] for ws, (_, _, k) in zip(weights, self._layers, strict=True)]
         lr = _number(self.model.optimizer.learning_rate)
-        self._record(step, epoch, read(at("kernel"), self._initial, kernels, lr), skip_nan=True)
+        kernel = _by_shape(lambda start, now: read(at("kernel"), start, now, lr, members=True), self._initial, kernels)
+        self._record(step, epoch, kernel, skip_nan=True)
         flat = [w for ws in weights for w in ws]
         self._record(step, epoch, read(at("weight"), flat, self._layout("layers", weights)))
 
@@ -260,8 +279,9 @@ class GradWatch(keras.callbacks.Callback):
         for stat, s in at("activation").items():
             hit = [(name, kind) for name, kind in self._acts if kind in s.kinds and name in outputs]
             if hit:
-                value = s.fn([outputs[name] for name, _ in hit], [s.kinds[kind] for _, kind in hit])
-                self._record(step, epoch, {stat: value}, [name for name, _ in hit])
+                value = _by_shape(lambda out, param, s=s, stat=stat: {stat: s.fn(out, param, members=True)},
+                                  [outputs[name] for name, _ in hit], [s.kinds[kind] for _, kind in hit])
+                self._record(step, epoch, value, [name for name, _ in hit])
 
     # --- outputs --------------------------------------------------------------------------------
     def frame(self):
