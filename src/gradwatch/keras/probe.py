@@ -120,7 +120,7 @@ def _tensorflow(model: keras.Model, probe: tuple, forward, pack, compiled: bool,
 
 
 # XLA options for the probe's compile: at optimisation level 0 the seed's net compiles in 0.22 s instead
-# of 0.49 s and each call takes 0.35 ms instead of 0.16: one compile per fit against one call per epoch
+# of 0.49 s and each call takes 0.35 ms instead of 0.16: one compile per model structure against one call per epoch
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
