@@ -183,3 +183,29 @@ def test_an_exploding_rnn_and_one_vanishing_through_time_get_the_recurrent_cures
         rx = doctor(*from_spec(Spec().replace(**adding, **{"model.init_gain": gain})), steps=60, seeds=1)
         assert kind in {f.kind for f in rx.findings}
         assert {"gated_rnn", "orthogonal_init"} <= {t.name for t in rx.treatments}
+
+
+def test_an_unwatched_screening_trial_trains_exactly_as_a_watched_one():
+    from gradwatch.doctor import run_trial, schedule
+    from gradwatch.doctor.treatments import Plan
+
+    make_model, data, loss_fn, optimizer = from_spec(Spec())
+    batches = schedule(data, 60, 0)
+    watched, records = run_trial(Plan(optimizer=optimizer), make_model, batches, loss_fn, 0)
+    unwatched, none = run_trial(Plan(optimizer=optimizer), make_model, batches, loss_fn, 0, watched=False)
+    assert unwatched == watched and records.rows and none is None
+
+
+def test_workers_are_started_once_per_process_and_batches_travel_packed():
+    from gradwatch.doctor import schedule
+    from gradwatch.doctor.workers import pack, pool_for, unpack
+
+    pieces = from_spec(Spec())
+    assert pool_for(2, pieces[0], pieces[2], pieces[3]) is pool_for(2, pieces[0], pieces[2], pieces[3])  # kept warm
+    main_piece = functools.partial(lambda: None)
+    main_piece.func.__module__ = "__main__"  # a notebook's or an unguarded script's factory: a worker re-runs it
+    assert pool_for(None, main_piece, pieces[2], pieces[3]) is None
+    batches = schedule(pieces[1], 14, 0)  # 200 samples in batches of 32: each epoch ends with a short one
+    assert [len(x) for x, _ in batches][6] == 8
+    assert all(torch.equal(a, b) for pair, back in zip(batches, unpack(pack(batches)), strict=True)
+               for a, b in zip(pair, back, strict=True))

@@ -15,14 +15,11 @@ and its clip norm to reproduce it in the user's own loop.
 from __future__ import annotations
 
 import math
-import os
-import pickle
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +27,7 @@ from torch import Tensor, nn
 from gradwatch.diagnose import REMEDIES, Diagnosis, diagnose
 from gradwatch.diagnose.evidence import Evidence
 from gradwatch.doctor.treatments import TREATMENTS, Plan, adam
+from gradwatch.doctor.workers import drop, pack, pool_for, unpack
 from gradwatch.records import Records
 from gradwatch.spec import SpecError
 from gradwatch.watch import watch
@@ -235,25 +233,9 @@ def _plan(name: str, base: Plan, make_model) -> Plan | str:
     return TREATMENTS[name](base, make_model())
 
 
-def _pack(batches: list) -> tuple:
-    """Batches for a worker as two tensors and the batch sizes: a pickled tensor costs ~0.2 ms, so 300
-    batches sent one by one took longer than a small net's trial."""
-    if all(isinstance(t, Tensor) for batch in batches for t in batch):
-        xs, ys = zip(*batches, strict=True)
-        return torch.cat(xs), torch.cat(ys), [len(x) for x in xs]
-    return (batches,)
-
-
-def _unpack(packed: tuple) -> list:
-    if len(packed) == 1:
-        return packed[0]
-    x, y, sizes = packed
-    return list(zip(x.split(sizes), y.split(sizes), strict=True))
-
-
 def _remote(make_model, packed: tuple, loss_fn, optimizer, name: str, seed: int, watched: bool):
     """One trial in a worker process: the plan is rebuilt there (surgeries are closures, not pickles)."""
-    return run_trial(_plan(name, Plan(optimizer=optimizer or adam), make_model), make_model, _unpack(packed), loss_fn,
+    return run_trial(_plan(name, Plan(optimizer=optimizer or adam), make_model), make_model, unpack(packed), loss_fn,
                      seed, watched)
 
 
@@ -269,36 +251,6 @@ def _fits(plan: Plan, make_model, x: Tensor) -> Plan | str:
     return plan
 
 
-def _one_thread() -> None:
-    """A worker's start: one intra-op thread, so that the workers share the cores instead of fighting for them."""
-    torch.set_num_threads(1)
-
-
-_POOLS: dict[int, ProcessPoolExecutor] = {}  # workers -> the pool every doctor call in this process shares
-
-
-def _pool(workers: int | None, *picklable) -> ProcessPoolExecutor | None:
-    """Worker processes for the trials, started once per process and kept warm for the next doctor call.
-
-    ``None`` (the default) asks for one per core where the user's pieces come from an importable
-    module: a piece defined in ``__main__`` (a notebook, a script) makes a spawned worker re-run that
-    script, which only an ``if __name__ == "__main__":`` guard makes safe; there an explicit
-    ``workers`` opts in. A piece that does not pickle (a lambda) keeps the trials here.
-    """
-    if workers is None and any(getattr(getattr(p, "func", p), "__module__", None) == "__main__" for p in picklable):
-        return None
-    workers = min(workers or os.cpu_count() or 1, 4)
-    if workers < 2:
-        return None
-    try:
-        pickle.dumps(picklable)
-    except (pickle.PicklingError, AttributeError, TypeError):
-        return None
-    if workers not in _POOLS:  # spawned: forking a process that holds torch's threads is not safe
-        _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_one_thread)
-    return _POOLS[workers]
-
-
 def doctor(make_model: Callable[[], nn.Module], data, loss_fn: Callable, optimizer: Callable | None = None,
            steps: int = 300, seeds: int = 3, batch_size: int = 32, workers: int | None = 1,
            threads: int | None = 1, finalists: int = FINALISTS) -> Prescription:
@@ -307,7 +259,11 @@ def doctor(make_model: Callable[[], nn.Module], data, loss_fn: Callable, optimiz
     ``make_model()`` returns a fresh module (the doctor seeds it); ``data`` is ``(X, Y)`` tensors or a
     re-iterable of ``(x, y)`` batches; ``loss_fn(output, target)``; ``optimizer`` maps parameters to
     an optimizer (default Adam, lr 1e-3). A model with no finding gets no treatment. ``workers``:
-    processes for the trials (None: one per core), used where those four pickle. ``threads``: torch's
+    processes for the trials (None: one per core where the pieces are importable, see ``workers.pool_for``), used
+    where those four pickle; kept warm for the next call. The default is 1, the fastest measured on a
+    shared 2-core host (load 6-8): two warm workers took 1.1-1.35x (median 1.2x) the wall time of one
+    process on six of the clinic's models, whose trials are too short to gain from a second process on a
+    busy host; starting the workers took 22-32 s there, once per process. ``threads``: torch's
     intra-op threads during the trials, restored after (None: leave them): small nets on a busy CPU
     lose more to idle threads than they gain, measured: the seed's net took 653 s wall at torch's
     default of 2 threads on a loaded 2-core host, 28 s at 1. ``finalists``: how many treatments the
@@ -325,7 +281,7 @@ def doctor(make_model: Callable[[], nn.Module], data, loss_fn: Callable, optimiz
     base = Plan(optimizer=optimizer or adam)
     kwargs = {"_make": make_model, "_first_batch": lambda seed: plans[seed][0][0]}
 
-    pool = _pool(workers, make_model, loss_fn, optimizer)
+    pool = pool_for(workers, make_model, loss_fn, optimizer)
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
 
@@ -333,10 +289,13 @@ def doctor(make_model: Callable[[], nn.Module], data, loss_fn: Callable, optimiz
         """Every seed of every treatment for ``length`` steps; in the pool where there is one, in seed order."""
         jobs = [(t, seed) for t in treatments for seed in seeds_]
         if pool:
-            futures = [pool.submit(_remote, make_model, _pack(plans[s][:length]), loss_fn, optimizer, t.name, s,
+            futures = [pool.submit(_remote, make_model, pack(plans[s][:length]), loss_fn, optimizer, t.name, s,
                                    watched) for t, s in jobs]
             try:
                 return [f.result() for f in futures]
+            except BrokenProcessPool:  # a worker died: the next call starts a fresh pool
+                drop(pool)
+                raise
             finally:
                 for f in futures:
                     f.cancel()
