@@ -3,15 +3,17 @@
 import functools
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
 from torch import nn
 
 from gradwatch.data import load
-from gradwatch.doctor import FINALISTS, doctor, final_loss
+from gradwatch.diagnose import Diagnosis, Finding, diagnose
+from gradwatch.doctor import FINALISTS, Treatment, doctor, final_loss, run_trial
 from gradwatch.doctor.patients import from_spec
-from gradwatch.doctor.treatments import ReZero, residual
+from gradwatch.doctor.treatments import Plan, ReZero, residual
 from gradwatch.nets import build
 from gradwatch.spec import Spec
 
@@ -209,3 +211,35 @@ def test_workers_are_started_once_per_process_and_batches_travel_packed():
     assert [len(x) for x, _ in batches][6] == 8
     assert all(torch.equal(a, b) for pair, back in zip(batches, unpack(pack(batches)), strict=True)
                for a, b in zip(pair, back, strict=True))
+
+
+def _seen(*kinds_per_seed: tuple[str, ...]) -> Treatment:
+    t = Treatment("untreated", "", Plan())
+    t.found = [Diagnosis([Finding(k, [], {}, "medium") for k in kinds], {}) for kinds in kinds_per_seed]
+    return t
+
+
+@pytest.mark.parametrize(("seen", "seeds", "is_open"), [
+    ((("vanishing",), ()), 3, True),  # a third seed decides whether vanishing is the majority's
+    ((("vanishing", "plateau"), ("plateau", "vanishing")), 3, False),  # both a majority of three already
+    (((), ()), 3, False),  # no kind can reach two of three from one seed left
+    (((),), 2, False),  # two seeds: a kind needs both, and the first has none
+    ((("plateau",),), 2, True),
+])
+def test_the_remaining_seeds_are_watched_only_while_they_could_change_the_majority(seen, seeds, is_open):
+    assert _seen(*seen).open(seeds) is is_open
+
+
+def test_seeds_left_unwatched_change_no_finding_and_no_loss():
+    """Every measured trial re-run watched on every seed: the same final losses, and the same majority kinds."""
+    spec = Spec().replace(**{"model.activation": "leaky_relu", "model.init": "he_normal", "model.depth": 2,
+                             "model.width": 32, "train.optimizer": "sgd", "train.learning_rate": 1e-4})
+    make_model, data, loss_fn, optimizer = from_spec(spec)
+    rx = doctor(make_model, data, loss_fn, optimizer, steps=STEPS, seeds=3)
+    measured = [rx.untreated, *(t for t in rx.treatments if t.losses)]
+    assert rx.findings and any(len(t.found) < len(t.losses) for t in measured)  # some seed went unwatched
+    for t in measured:
+        full = [run_trial(t.plan, make_model, rx.batches(s), loss_fn, s) for s in range(3)]
+        assert [final_loss(losses) for losses, _ in full] == t.losses
+        counts = Counter(kind for _, records in full for kind in {f.kind for f in diagnose(records)})
+        assert sorted(t.kinds) == sorted(kind for kind, n in counts.items() if n >= 2)
