@@ -6,6 +6,8 @@ The untreated model trains for a short budget from a few seeds, watched as any u
 are ranked by the final loss they reach. Where more than ``FINALISTS`` are proposed, all of them
 are first screened on one seed for a quarter of the steps and only the best go on to every seed
 and the whole budget: successive halving (Jamieson & Talwalkar 2016; Hyperband, Li et al. 2017).
+A trial is watched on half its seeds first, and on the rest only while they could still change which
+findings most seeds show; otherwise they train unwatched, for their loss alone.
 Repair tools before it (AUTOTRAINER, ICSE 2021; DeepDiagnosis, ICSE 2022) apply fixes in a fixed
 order; Kim et al. (ICST 2023) found a random choice of repair does as well as them. Here every claim
 is a measurement on the user's model, and ``t.build()`` hands over the treated model, its optimizer
@@ -73,8 +75,9 @@ def run_trial(plan: Plan, make_model, batches, loss_fn, seed: int,
               watched: bool = True) -> tuple[list[float], Records | None]:
     """Train ``plan``'s model on ``batches`` from ``seed``; (per-step losses, records: None unless ``watched``).
 
-    A screening trial is scored on its loss alone: unwatched, it skips the watcher's cost (measured
-    1.2-1.8x a plain run on the clinic's small nets) and trains exactly as it would watched.
+    A screening trial, or a seed that can change no finding, is scored on its loss alone: unwatched, it
+    skips the watcher's cost (measured 1.2-1.8x a plain run on the clinic's small nets) and trains exactly
+    as it would watched.
     """
     torch.manual_seed(seed)
     model, optimizer, clip_norm = plan.build(make_model, batches[0][0])
