@@ -227,7 +227,7 @@ def _seen(*kinds_per_seed: tuple[str, ...]) -> Treatment:
     ((("plateau",),), 2, True),
 ])
 def test_the_remaining_seeds_are_watched_only_while_they_could_change_the_majority(seen, seeds, is_open):
-    assert _seen(*seen).open(seeds) is is_open
+    assert _seen(*seen).unsettled(seeds) is is_open
 
 
 def test_seeds_left_unwatched_change_no_finding_and_no_loss():

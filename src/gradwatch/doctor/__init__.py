@@ -143,10 +143,10 @@ class Treatment:
 
     @property
     def kinds(self) -> list[str]:
-        """Finding kinds that most seeds show (where seeds went unwatched, ``open`` said they could change none)."""
+        """Finding kinds that most seeds show (a seed left unwatched could change none: ``unsettled``)."""
         return [k for k, n in self._counts().items() if 2 * n > len(self.found)]
 
-    def open(self, seeds: int) -> bool:
+    def unsettled(self, seeds: int) -> bool:
         """Whether the seeds not yet watched, out of ``seeds``, could change which kinds most seeds show.
 
         A kind is settled once its watched count is a majority of ``seeds``, or too small to become
@@ -328,7 +328,7 @@ def doctor(make_model: Callable[[], nn.Module], data, loss_fn: Callable, optimiz
         jobs = [(t, s, True) for t in treatments for s in range(deciding)]
         for (t, _, _), result in zip(jobs, run(jobs, steps), strict=True):
             t.record(*result)
-        rest = [(t, s, t.open(seeds)) for t in treatments for s in range(deciding, seeds)]
+        rest = [(t, s, t.unsettled(seeds)) for t in treatments for s in range(deciding, seeds)]
         for (t, _, _), result in zip(rest, run(rest, steps), strict=True):
             t.record(*result)
         return treatments
