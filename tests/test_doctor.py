@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from gradwatch.data import load
-from gradwatch.diagnose import Diagnosis, Finding, diagnose
-from gradwatch.doctor import FINALISTS, Treatment, doctor, final_loss, run_trial
+from gradwatch.diagnose import Diagnosis, Finding, Remedy, diagnose
+from gradwatch.doctor import FINALISTS, Treatment, doctor, final_loss, prescribe, run_trial
 from gradwatch.doctor.patients import from_spec
 from gradwatch.doctor.treatments import Plan, ReZero, residual
 from gradwatch.nets import build
@@ -243,3 +243,59 @@ def test_seeds_left_unwatched_change_no_finding_and_no_loss():
         assert [final_loss(losses) for losses, _ in full] == t.losses
         counts = Counter(kind for _, records in full for kind in {f.kind for f in diagnose(records)})
         assert sorted(t.kinds) == sorted(kind for kind, n in counts.items() if n >= 2)
+
+
+# treatment -> (its final loss, the finding kinds every seed of it shows); a finding's remedies: REMEDY_OF
+OUTCOMES = {"untreated": (0.69, ["vanishing"]), "lsuv": (0.27, ["lr_too_large"]), "residual": (0.6, ["plateau"]),
+            "lsuv+lower_lr": (0.045, []), "lsuv+much_lower_lr": (0.2, [])}
+REMEDY_OF = {"vanishing": ["lsuv", "residual"], "lr_too_large": ["lower_lr", "clip_norm", "much_lower_lr"],
+             "plateau": ["adam"]}
+
+
+def _prescribe(outcomes: dict, finalists: int = FINALISTS, combine: bool = True):
+    """``prescribe`` over made-up trials: each treatment's loss and findings from ``outcomes``; clip_norm does
+    not apply on top of lsuv here. Returns the Prescription and the names of every batch of trials run."""
+    batches: list[list[str]] = []
+
+    def trial(treatments):
+        batches.append([t.name for t in treatments])
+        for t in treatments:
+            loss, kinds = outcomes[t.name]
+            for _ in range(3):
+                t.record([loss] * 10, None)
+            t.found = [Diagnosis([Finding(k, [], {}, "medium", [Remedy(r, "") for r in REMEDY_OF[k]])
+                                  for k in kinds], {})] * 3
+        return treatments
+
+    def propose(name):
+        return "does not fit" if name.endswith("clip_norm") else Treatment(name, "", Plan())
+
+    def screen(treatments):
+        for t in treatments:
+            t.screened = outcomes[t.name][0]
+
+    return prescribe(trial, Treatment("untreated", "", Plan()), propose, screen, finalists, combine), batches
+
+
+def test_a_finding_left_by_the_best_treatment_is_treated_on_top_of_it_in_a_second_round():
+    rx, batches = _prescribe(OUTCOMES)
+    assert [t.name for t in rx.treatments] == ["lsuv+lower_lr", "lsuv+much_lower_lr", "lsuv", "residual"]
+    assert batches == [["untreated"], ["lsuv", "residual"], ["lsuv+lower_lr", "lsuv+much_lower_lr"]]
+    assert "lsuv+clip_norm" not in rx.untried and not any(t.kinds for t in rx.treatments[:2])
+    assert _prescribe(OUTCOMES, combine=False)[1] == batches[:2]  # the Keras doctor: one round
+
+
+def test_no_second_round_where_the_best_treatment_leaves_no_finding():
+    rx, batches = _prescribe({**OUTCOMES, "residual": (0.1, [])})
+    assert [t.name for t in rx.treatments] == ["residual", "lsuv"] and len(batches) == 2
+
+
+def test_a_combined_treatment_is_its_parts_in_order_and_says_why_where_one_does_not_apply():
+    from gradwatch.doctor import _plan
+    from gradwatch.doctor.treatments import lsuv
+
+    make_model, _, _, _ = from_spec(Spec())
+    sgd = functools.partial(torch.optim.SGD, lr=0.1)
+    plan = _plan("lsuv+lower_lr", Plan(optimizer=sgd), make_model)
+    assert plan.surgeries == (lsuv,) and plan.optimizer(make_model().parameters()).param_groups[0]["lr"] == 0.1 * 0.1
+    assert _plan("lsuv+gated_rnn", Plan(optimizer=sgd), make_model) == "no nn.RNN/nn.RNNCell to swap for a GRU"

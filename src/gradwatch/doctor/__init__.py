@@ -40,6 +40,7 @@ LOGS = 20  # loss logs per trial: enough for the loss rules' 10-log window
 EVERY = 10  # the watcher's sampled-step cadence in a trial
 FINALISTS = 2  # treatments measured on every seed and the whole budget; the rest are screened out
 SCREEN = 4  # a screening trial runs 1/SCREEN of the steps, on the first seed
+COMBINED = "+"  # "a+b": treatment b on top of treatment a (prescribe's second round)
 
 
 def schedule(data, steps: int, seed: int, batch_size: int = 32) -> list[tuple[Tensor, Tensor]]:
@@ -246,11 +247,16 @@ def _majority(untreated: Treatment) -> list:
 
 
 def _plan(name: str, base: Plan, make_model) -> Plan | str:
-    """The Plan of treatment ``name`` (``untreated``: the user's own), decided on a fresh model."""
+    """The Plan of treatment ``name`` (``untreated``: the user's own; ``a+b``: ``b`` on top of ``a``), decided
+    on a fresh model; why not, where a part does not apply."""
+    plan: Plan | str = base
     if name == "untreated":
-        return base
+        return plan
     torch.manual_seed(0)
-    return TREATMENTS[name](base, make_model())
+    model = make_model()
+    for part in name.split(COMBINED):
+        plan = TREATMENTS[part](plan, model) if not isinstance(plan, str) else plan
+    return plan
 
 
 def _remote(make_model, packed: tuple, loss_fn, optimizer, name: str, seed: int, watched: bool):
@@ -339,14 +345,15 @@ def doctor(make_model: Callable[[], nn.Module], data, loss_fn: Callable, optimiz
             t.screened = final_loss(losses)
 
     def propose(name: str) -> Treatment | str:
-        plan = _plan(name, base, make_model) if name in TREATMENTS else "a change only you can make"
+        parts = name.split(COMBINED)
+        plan = _plan(name, base, make_model) if set(parts) <= set(TREATMENTS) else "a change only you can make"
         if not isinstance(plan, str):
             plan = _fits(plan, make_model, plans[0][0][0])
-        return plan if isinstance(plan, str) else Treatment(name, REMEDIES[name], plan, **kwargs)
+        return plan if isinstance(plan, str) else Treatment(name, REMEDIES[parts[-1]], plan, **kwargs)
 
     try:
         rx = prescribe(trial, Treatment("untreated", "", base, **kwargs), propose, screen if finalists else None,
-                       finalists)
+                       finalists, combine=True)
     finally:
         torch.set_num_threads(before)
     rx.seeds, rx.steps, rx.seconds, rx.batches = seeds, steps, time.perf_counter() - start, lambda seed: plans[seed]
@@ -355,19 +362,48 @@ def doctor(make_model: Callable[[], nn.Module], data, loss_fn: Callable, optimiz
 
 def prescribe(trial: Callable[[list[Treatment]], list[Treatment]], untreated: Treatment,
               propose: Callable[[str], Treatment | str], screen: Callable[[list[Treatment]], None] | None = None,
-              finalists: int = FINALISTS) -> Prescription:
+              finalists: int = FINALISTS, combine: bool = False) -> Prescription:
     """The doctor's method, whatever trains the trials: the untreated run's majority findings propose
     remedies; ``propose(name)`` makes each a Treatment or says why it cannot be tried; ``screen``
     (where given, and more than ``finalists`` are proposed) sets each one's ``screened`` loss and
     only the best ``finalists`` go on; ``trial`` trains those from the same seeds; the measured final
     loss ranks them (fewer findings left breaks a tie), the screened-out ones after them.
 
+    ``combine`` (``propose`` takes ``a+b``: ``b`` on top of ``a``): where most seeds of the best treatment
+    still show a finding, that finding's remedies are tried on top of it in a second round, as a
+    clinician re-examines after a first treatment (AUTOTRAINER, too, repairs until no problem is
+    left): a deep tanh net whose orthogonal, data-scaled init (LSUV) lets it learn but now oscillates at
+    SGD's lr 0.1 (``lr_too_large`` on two seeds of three, loss 0.27) reaches 0.045, with no finding
+    left, with lr 0.01 on top. A combination that does not apply is not proposed.
+
     The Prescription's budget fields (seeds, steps, seconds) are the caller's to fill in.
     """
     (untreated,) = trial([untreated])
     findings = _majority(untreated)
-    candidates, untried = [], {}
-    for name in dict.fromkeys(r.name for f in findings for r in f.remedies):
+    untried: dict[str, str] = {}
+    tried, dropped = _round(trial, propose, screen, finalists, [r.name for f in findings for r in f.remedies],
+                            untried)
+    if combine and tried and tried[0].kinds:
+        best = tried[0]
+        names = [f"{best.name}{COMBINED}{r.name}" for f in _majority(best) for r in f.remedies
+                 if r.name not in best.name.split(COMBINED)]
+        more, more_dropped = _round(trial, propose, screen, finalists, names, {})
+        tried = sorted(tried + more, key=_rank)
+        dropped = sorted(dropped + more_dropped, key=lambda t: t.screened)
+    return Prescription(findings, untreated, tried + dropped, untried, seeds=0, steps=0, seconds=0.0)
+
+
+def _rank(t: Treatment) -> tuple[float, int]:
+    """Lower measured loss first; fewer findings left breaks a tie."""
+    return t.loss, len(t.kinds)
+
+
+def _round(trial, propose, screen, finalists: int, names: list[str],
+           untried: dict[str, str]) -> tuple[list[Treatment], list[Treatment]]:
+    """(measured, best first; screened out, best first) of the treatments ``names`` propose; those that
+    cannot be tried go into ``untried`` with why."""
+    candidates = []
+    for name in dict.fromkeys(names):
         made = propose(name)
         if isinstance(made, str):
             untried[name] = made
@@ -378,6 +414,4 @@ def prescribe(trial: Callable[[list[Treatment]], list[Treatment]], untreated: Tr
         screen(candidates)
         candidates.sort(key=lambda t: t.screened)
         candidates, dropped = candidates[:finalists], candidates[finalists:]
-    tried = trial(candidates)
-    tried.sort(key=lambda t: (t.loss, len(t.kinds)))
-    return Prescription(findings, untreated, tried + dropped, untried, seeds=0, steps=0, seconds=0.0)
+    return sorted(trial(candidates), key=_rank), dropped
