@@ -110,6 +110,57 @@ def test_the_watched_fit_ends_with_the_bare_fits_weights(moons):
         np.testing.assert_array_equal(a, b)
 
 
+def fit_reading(model, x, y, read=None, epochs: int = 4) -> tuple[GradWatch, list]:
+    """A watched fit (shuffled by seed 1); ``read(watch, epoch)`` is called after GradWatch at every epoch's end."""
+
+    class Reader(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append(read(watch, epoch))
+
+    seen, watch = [], GradWatch(probe=(x, y), verbose=0)
+    keras.utils.set_random_seed(1)
+    model.fit(x, y, epochs=epochs, batch_size=32, verbose=0, callbacks=[watch] + ([Reader()] if read else []))
+    return watch, seen
+
+
+def same_rows(a: list, b: list) -> bool:
+    """Row for row the same keys and the same float64 values (NaN equal to NaN); a layer by its position
+    in the records, as two models of one build have other automatic layer names."""
+    def keys(rows: list) -> list:
+        position = {name: i for i, name in enumerate(dict.fromkeys(r[2] for r in rows))}
+        return [(step, epoch, position[layer], stat) for step, epoch, layer, stat, _ in rows]
+
+    return keys(a) == keys(b) and np.array_equal([r[4] for r in a], [r[4] for r in b], equal_nan=True)
+
+
+def test_records_read_mid_fit_are_complete_to_that_epoch_and_equal_those_computed_at_the_end(moons):
+    """The statistics of measured epochs wait for a read (``epochs.Pending``): read after every epoch, one
+    epoch at a time, they are that epoch's rows complete, and the same rows, bit for bit, as the fit's
+    epochs computed all at once when read at its end."""
+    x, y = moons
+    at_end, _ = fit_reading(bn_model(), x, y)
+    final = list(at_end.records.rows)
+    assert {r[1] for r in final} == {0, 1, 2, 3} and {"grad_norm", "percent_change", "saturated_frac"} <= {
+        r[3] for r in final}
+    watch, seen = fit_reading(bn_model(), x, y, lambda watch, epoch: (epoch, list(watch.records.rows)))
+    for epoch, rows in seen:
+        assert same_rows(rows, [r for r in final if r[1] <= epoch])
+    assert same_rows(list(watch.records.rows), final)
+
+
+def test_waiting_epochs_are_flushed_at_the_memory_bound(moons, monkeypatch):
+    """Unread, a fit's measured epochs wait (the seed's net holds 0.2 MB an epoch); over ``FLUSH_BYTES`` each
+    epoch's statistics are computed at its end, with the same rows."""
+    from gradwatch.keras import epochs
+
+    x, y = moons
+    waiting = fit_reading(bn_model(), x, y, lambda watch, epoch: len(watch._pending.epochs))
+    monkeypatch.setattr(epochs, "FLUSH_BYTES", 1)
+    flushed = fit_reading(bn_model(), x, y, lambda watch, epoch: len(watch._pending.epochs))
+    assert waiting[1] == [2, 3, 4, 5] and flushed[1] == [0, 0, 0, 0]  # the first also holds fit's start
+    assert same_rows(list(waiting[0].records.rows), list(flushed[0].records.rows))
+
+
 def test_without_a_probe_the_verdict_is_unknown(moons):
     x, y = moons
     watch = GradWatch(verbose=0)

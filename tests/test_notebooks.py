@@ -124,8 +124,8 @@ def test_lesson_runs_and_shows_the_stuck_net_its_diagnosis_remedies_and_studies(
 
 
 SABOTAGE = {
-    "no probe gradients": "from gradwatch.keras import GradWatch\n"
-                          "GradWatch._measure_probe = lambda self, step, epoch: None",
+    "no probe gradients": "from gradwatch.keras.epochs import Pending\n"
+                          "Pending._gradients = lambda self, measured, blocks: None",
     "records dropped": "from collections import deque\n"
                        "from gradwatch.keras import GradWatch\n"
                        "made = GradWatch.__init__\n"

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import torch
 
 from gradwatch.diagnose import THRESHOLDS
 from gradwatch.diagnose import diagnose as _diagnose
+from gradwatch.keras.epochs import Epoch, Pending
 from gradwatch.keras.probe import GRADIENTS, Probe, check, host
 from gradwatch.records import Records, Run, first_over_last
-from gradwatch.stats import Layout, activation_kinds, at, read
+from gradwatch.stats import activation_kinds
 from gradwatch.store import Store
 from gradwatch.summary import summarize
 
@@ -110,36 +110,6 @@ def _adaptive(optimizer) -> tuple[str, str] | None:
     return None
 
 
-def _proved(stats: dict, *args) -> dict:
-    """``read`` of ``stats``, an entry with a ``proof`` read only where its proof is not finite everywhere: zeros
-    otherwise, as the PyTorch watcher records them (a finite max |g| proves no NaN/Inf in a layer's gradient)."""
-    values = read({name: s for name, s in stats.items() if not s.proof}, *args)
-    for name, s in stats.items():
-        if s.proof and torch.isfinite(values[s.proof]).all():  # sync: none, host tensors
-            values[name] = torch.zeros_like(values[s.proof])
-        elif s.proof:
-            values[name] = s.fn(*args)
-    return {name: values[name] for name in stats}  # table order
-
-
-def _by_shape(read_members, *columns: list) -> dict[str, torch.Tensor]:
-    """``read_members(*columns)``'s entries, (L,) each in layer order, from one call per group of layers whose
-    tensors agree in shape (and whose other items agree): each group's tensors stacked on the STATS member
-    axis, so the seed's nine 10 x 10 kernels are one call, not nine. Each member is reduced alone, over the
-    same values in the same order: the numbers are those of one call per layer."""
-    groups: dict[tuple, list[int]] = {}
-    for i, row in enumerate(zip(*columns, strict=True)):
-        key = tuple(tuple(c.shape) if isinstance(c, torch.Tensor) else c for c in row)
-        groups.setdefault(key, []).append(i)
-    out: dict[str, torch.Tensor] = {}
-    for rows in groups.values():
-        args = [[torch.stack([c[i] for i in rows]) if isinstance(c[rows[0]], torch.Tensor) else c[rows[0]]]
-                for c in columns]
-        for name, value in read_members(*args).items():  # (1, members) each
-            out.setdefault(name, value.new_empty(len(columns[0])))[rows] = value[0]
-    return out
-
-
 class GradWatch(keras.callbacks.Callback):
     """Records per-layer weight change, weight norms and (on a probe batch) gradient norms and activation
     statistics during ``fit``.
@@ -162,49 +132,56 @@ class GradWatch(keras.callbacks.Callback):
             shown = every if isinstance(every, int) else f"a {type(every).__name__}"
             raise ValueError(f"every: got {shown}; allowed: an int >= 1 (the probe is GradWatch(probe=(x, y)))")
         self.probe, self.every, self.verbose, self.store, self.name = probe, every, verbose, store, name
-        self.records = Records()
+        self._records, self._pending = Records(), Pending()
         self.status = "finished"
         self._layers: list[tuple[str, keras.Layer, int]] = []
-        self._initial: list[torch.Tensor] = []
         self._epoch, self._measured = -1, -1
-        self._layouts: dict[tuple[str, int], Layout] = {}
         self._recorded: keras.Model | None = None  # the model the records are of
+
+    @property
+    def records(self) -> Records:
+        """Every row so far, up to the last epoch that ended: the statistics of the epochs measured since
+        the last read are computed first (``epochs.Pending``)."""
+        self._pending.flush(self._records)
+        return self._records
 
     # --- Keras events ---------------------------------------------------------------------------
     def on_train_begin(self, logs=None):
+        self._pending.flush(self._records)  # a fit that raised left its last epochs waiting
         if self._recorded is not None and self._recorded is not self.model:  # a second model: start clean
-            self.records, self.status = Records(), "finished"
+            self._records, self.status = Records(), "finished"
         self._recorded = self.model
         leaves = _leaves(self.model)
-        self._layers, self._layouts = _kernel_layers(leaves), {}
-        self._acts = _activations(leaves, self._layers)
+        self._layers = _kernel_layers(leaves)
+        acts = _activations(leaves, self._layers)
         self._epoch, self._measured = -1, -1
-        self._initial = [host(layer.trainable_weights[k]) for _, layer, k in self._layers]
         self._probe = None
         if self.probe is not None:
             check(self.probe, self.model)
         if self.probe is not None and keras.backend.backend() in GRADIENTS and self._layers:
             variables = [v for _, layer, _ in self._layers for v in layer.trainable_weights]
             taps = dict(leaves)
-            taps = {name: taps[name] for name in [n for n, _, _ in self._layers] + [n for n, _ in self._acts]}
+            taps = {name: taps[name] for name in [n for n, _, _ in self._layers] + [n for n, _ in acts]}
             self._probe = Probe(self.model, self.probe, variables, taps)
+        self._pending = Pending([(name, len(layer.trainable_weights), k) for name, layer, k in self._layers], acts,
+                                [host(layer.trainable_weights[k]) for _, layer, k in self._layers],
+                                self._probe.unpack if self._probe is not None else None)
         if self._probe is not None:
-            self._measure_probe(self._step(), 0, self._probe.measure())
+            self._pending.add(Epoch(self._step(), 0, probe=self._probe.measure(), numel=self._probe.numel),
+                              self._records)
 
     def on_epoch_end(self, epoch, logs=None):
-        step = self._step()
-        for stat, value in (logs or {}).items():
-            if isinstance(value, (int, float, np.number)) or getattr(value, "ndim", None) == 0:
-                self.records.add(step, epoch, stat, {"": _number(value)})
+        scalars = {stat: _number(value) for stat, value in (logs or {}).items()
+                   if isinstance(value, (int, float, np.number)) or getattr(value, "ndim", None) == 0}
         if not math.isfinite(_number((logs or {}).get("loss", 0.0))):
             self.status = "diverged"
         self._epoch = epoch
-        if (epoch + 1) % self.every == 0:
-            self._measure(step, epoch)
+        self._measure(self._step(), epoch, scalars, (epoch + 1) % self.every == 0)
 
     def on_train_end(self, logs=None):
         if self._epoch != self._measured:  # the last epoch is always measured, early stopping included
             self._measure(self._step(), self._epoch)
+        self._pending.flush(self._records)
         if self.verbose:
             print(self.describe())
         if self.store is not None:
@@ -215,73 +192,20 @@ class GradWatch(keras.callbacks.Callback):
     def _step(self) -> int:
         return int(_number(self.model.optimizer.iterations))
 
-    def _layout(self, what: str, groups: list[list]) -> Layout:
-        key = (what, len(groups))
-        if key not in self._layouts:  # built once per fit, as the watcher does (every tensor is on the host)
-            self._layouts[key] = Layout.of(groups)
-        return self._layouts[key]
-
-    def _measure(self, step: int, epoch: int) -> None:
-        self._measured = epoch
-        if not self._layers:
-            return
-        measured = self._probe.measure() if self._probe is not None else {}
-        self._measure_weights(step, epoch, measured.get("weight"))
-        self._measure_probe(step, epoch, measured)
-
-    def _record(self, step: int, epoch: int, values: dict, names: list[str] | None = None,
-                skip_nan: bool = False) -> None:
-        """One row per layer (``names``, else the kernel layers) of each entry in ``values`` (stat -> (L,));
-        ``skip_nan``: a NaN value (the median % change of a kernel that starts at 0: it has no relative
-        change) is left out."""
-        if values:
-            rows = torch.stack(list(values.values())).tolist()  # host tensors: a copy, no device sync
-            names = names or [name for name, _, _ in self._layers]
-            for stat, row in zip(values, rows, strict=True):
-                kept = [(n, v) for n, v in zip(names, row, strict=True) if not (skip_nan and math.isnan(v))]
-                self.records.add_layers(step, epoch, stat, [n for n, _ in kept], [v for _, v in kept])
-
-    def _groups(self, flat: list) -> list[list]:
-        """One list per kernel layer of its trainable weights' entries in ``flat``."""
-        sizes = [len(layer.trainable_weights) for _, layer, _ in self._layers]
-        return [flat[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
-
-    def _measure_weights(self, step: int, epoch: int, flat: list | None = None) -> None:
-        """The ``kernel`` entries of STATS on each kernel since the start of fit (the seed's measures), and
-        the ``weight`` entries on each layer's weights (``flat``: the probe's copy of them, if it made one)."""
-        weights = self._groups(flat) if flat is not None else [
-            [host(v) for v in layer.trainable_weights] for _, layer, _ in self._layers]
-        kernels = [ws[k] for ws, (_, _, k) in zip(weights, self._layers, strict=True)]
-        lr = _number(self.model.optimizer.learning_rate)
-        kernel = _by_shape(lambda start, now: read(at("kernel"), start, now, lr, members=True), self._initial, kernels)
-        self._record(step, epoch, kernel, skip_nan=True)
-        flat = [w for ws in weights for w in ws]
-        self._record(step, epoch, read(at("weight"), flat, self._layout("layers", weights)))
-
-    def _measure_probe(self, step: int, epoch: int, measured: dict) -> None:
-        """On the probe batch: the ``grad`` entries of STATS on the compiled loss's gradient per layer, the
-        ``kernel_grad`` entries per kernel (biases left out, as train.py measures the first/last ratio), the
-        ``output`` entries on each kernel layer's output and the ``activation`` entries on each hidden
-        activation's (``measured``: ``Probe.measure``'s). A probe whose loss failed on NaN/Inf outputs
-        records those outputs alone."""
-        flat, outputs = measured.get("grad"), measured.get("output", {})
-        if flat is not None:
-            groups = self._groups(flat)
-            kernels = [[group[k]] for group, (_, _, k) in zip(groups, self._layers, strict=True)]
-            values = _proved(at("grad"), flat, self._layout("layers", groups))
-            values.update(read(at("kernel_grad"), [k for [k] in kernels], self._layout("kernels", kernels)))
-            self._record(step, epoch, values)
-        names = [name for name, _, _ in self._layers if name in outputs]
-        if names:
-            tensors = [[outputs[name]] for name in names]
-            self._record(step, epoch, read(at("output"), [t for [t] in tensors], self._layout("outputs", tensors)),
-                         names)
-        for stat, s in at("activation").items():
-            hit = [(name, kind) for name, kind in self._acts if kind in s.kinds and name in outputs]
-            if hit:
-                value = _by_shape(lambda out, param, s=s, stat=stat: {stat: s.fn(out, param, members=True)},
-                                  [outputs[name] for name, _ in hit], [s.kinds[kind] for _, kind in hit])
-                self._record(step, epoch, value, [name for name, _ in hit])
+    def _measure(self, step: int, epoch: int, scalars: dict | None = None, measured: bool = True) -> None:
+        """Keep what the end of ``epoch`` must take now for its rows: its logs (``scalars``) and, when it is
+        ``measured``, the probe's step or host copies of the kernel layers' weights (``epochs.Epoch``)."""
+        taken = Epoch(step, epoch, scalars or {})
+        if measured:
+            self._measured = epoch
+        if measured and self._layers:
+            taken.lr = _number(self.model.optimizer.learning_rate)
+            if self._probe is not None:
+                taken.probe, taken.numel = self._probe.measure(), self._probe.numel
+            else:
+                taken.weights = [host(v) for _, layer, _ in self._layers for v in layer.trainable_weights]
+                taken.numel = sum(w.numel() for w in taken.weights)
+        self._pending.add(taken, self._records)
 
     # --- outputs --------------------------------------------------------------------------------
     def frame(self):

@@ -103,20 +103,26 @@ def _torch(model: keras.Model, probe: tuple, forward, pack, compiled: bool, shar
 
 
 def _tensorflow(model: keras.Model, probe: tuple, forward, pack, compiled: bool, shared: dict):
-    """``GradientTape`` as in Keras's tensorflow ``train_step``, inside one ``tf.function`` that reads the
-    variables itself (captured by reference: nothing to bind per call, and nothing to share with another
-    model's fit: ``shared`` is unused)."""
+    """``GradientTape`` as in Keras's tensorflow ``train_step``, inside one ``tf.function`` kept in ``shared``:
+    the variables are its arguments, not captured, so a fit of the same structure runs the same graph
+    (a variable's trace type is its shape and dtype) where each fit's own trace cost ~0.2 s."""
     import tensorflow as tf
 
-    def step():
-        values = [tf.identity(v.value) for v in model.trainable_variables]
+    def packed(variables, state, probe):
+        values = [tf.identity(v) for v in variables]
         with tf.GradientTape() as tape:
             tape.watch(values)
-            loss, _, outputs = forward(values, [v.value for v in model.non_trainable_variables], probe)
+            loss, _, outputs = forward(values, state, probe)
         grads = tape.gradient(loss, values, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return pack(values, grads, outputs)
 
-    return tf.function(step) if compiled else step
+    run = shared.setdefault("run", tf.function(packed)) if compiled else packed
+
+    def step():
+        return run([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
+                   probe)
+
+    return step
 
 
 # XLA options for the probe's compile: at optimisation level 0 the seed's net compiles in 0.22 s instead
@@ -270,7 +276,10 @@ class Probe:
         return keras.ops.concatenate([keras.ops.reshape(keras.ops.cast(t, dtype), (-1,)) for _, t in pieces])
 
     def unpack(self, packed) -> dict[str, list | dict]:
-        """``pack``'s vector (or list) as float64 CPU tensors: ``{"weight": [...], "grad": [...], "output": {}}``."""
+        """``pack``'s vector (or list) as float64 CPU tensors: ``{"weight": [...], "grad": [...], "output": {}}``;
+        ``measure``'s numbers already on the host (a dict) as they are."""
+        if isinstance(packed, dict):
+            return packed
         sizes = [math.prod(shape) for _, shape in self.parts]
         pieces = [host(t) for t in packed] if isinstance(packed, list) else host(packed).split(sizes)
         out: dict = {"weight": [], "grad": [], "output": {}}
@@ -282,15 +291,24 @@ class Probe:
                 out[kind].append(t.view(shape))
         return out
 
-    def measure(self) -> dict[str, list | dict | None]:
-        """``{"weight": [...], "grad": [...], "output": {layer: ...}}`` as float64 CPU tensors.
+    @property
+    def numel(self) -> int:
+        """Numbers in one measure: the picked weights, their gradients and the tapped outputs."""
+        return sum(math.prod(shape) for _, shape in self.parts)
 
+    def measure(self):
+        """One step's numbers, for ``unpack`` to give as ``{"weight": [...], "grad": [...], "output": {layer: ...}}``.
+
+        On jax and tensorflow the packed vector stays on the device until ``unpack`` copies it: their arrays
+        never change, so keeping one costs nothing and the copy can wait for the statistics (``epochs``). On
+        torch the step's list holds the weights themselves, which the next batch changes: copied now.
         A step that raises on the model's own numbers (torch's binary cross-entropy refuses a NaN
-        prediction) gives ``None`` for the weights and gradients and the NaN/Inf outputs, for the diagnosis
-        to report; on finite numbers a compiled step that raises is given up for the eager one, which may raise.
+        prediction) gives ``None`` for the gradients and the NaN/Inf outputs, for the diagnosis to report
+        (and copies of the weights); on finite numbers a compiled step that raises is given up for the eager
+        one, which may raise.
         """
         try:
-            return self.unpack(self.step())
+            packed = self.step()
         except Exception:  # noqa: BLE001 - whatever the backend raises, the numbers decide what it was
             values = [v.value for v in self.model.trainable_variables]
             with torch.no_grad():  # a no-op off the torch backend
@@ -299,8 +317,9 @@ class Probe:
             outputs = {self.names[i]: host(t) for i, t in outputs.items()}
             seen = [host(t) for t in keras.tree.flatten(y_pred)] + list(outputs.values())
             if not all(torch.isfinite(t).all() for t in seen):  # sync: on a failed probe only
-                return {"weight": None, "grad": None, "output": outputs}
+                return {"weight": [host(values[i]) for i in self.picked], "grad": None, "output": outputs}
             if self.step is self.eager:
                 raise
             self.step = self.eager
-            return self.unpack(self.step())
+            packed = self.step()
+        return self.unpack(packed) if isinstance(packed, list) else packed

@@ -1,0 +1,191 @@
+"""The measured epochs' statistics, computed for many epochs at once when the records are read.
+
+At an epoch's end ``GradWatch`` takes only what cannot wait: the probe's step (its packed result stays on
+the device on jax and tensorflow, whose arrays never change, so keeping one is free) or host copies of
+the weights, the logs and the learning rate. ``Pending.flush`` then reads the STATS entries of every
+waiting epoch in one pass: the layers of all epochs side by side in one ``Layout`` (each tensor's read is
+its own, each layer combines its own tensors) and the equal-shaped tensors of all epochs stacked on the
+member axis (``_by_shape``: each member reduced alone, over the same values in the same order). The rows
+are those one epoch at a time would give, in the same order, for a fraction of the calls: on the seed's
+7-step epochs the statistics cost more than the probe's step when taken every epoch. The torch watcher
+defers its host copies the same way, to one sync per flush (``watch``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from itertools import cycle
+
+import torch
+
+from gradwatch.records import Records
+from gradwatch.stats import Layout, at, read
+
+# a flush when the waiting epochs' numbers would take this many float64 bytes on the host (the seed's net:
+# 0.2 MB an epoch), so a large model holds a few epochs, not a fit's worth; and at least every FLUSH_EPOCHS
+# epochs, by when one more epoch in the batch saves almost nothing and a flush's pause stays short
+FLUSH_BYTES = 64 * 2**20
+FLUSH_EPOCHS = 100
+
+
+@dataclass
+class Epoch:
+    """What one epoch's end took, for ``Pending.flush`` to turn into rows.
+
+    ``lr`` is set when the weights were measured (the kernel and weight rows); their numbers are then
+    ``weights`` (float64 host copies, one per trainable weight of each kernel layer) or, with a probe, in
+    ``probe``: ``Probe.measure``'s result, unpacked at the flush.
+    """
+
+    step: int
+    epoch: int
+    scalars: dict[str, float] = field(default_factory=dict)
+    lr: float | None = None
+    weights: list[torch.Tensor] | None = None
+    probe: object = None
+    numel: int = 0  # numbers it holds, for FLUSH_BYTES
+
+
+def _proved(stats: dict, *args) -> dict:
+    """``read`` of ``stats``, an entry with a ``proof`` read only where its proof is not finite everywhere: zeros
+    otherwise, as the PyTorch watcher records them (a finite max |g| proves no NaN/Inf in a layer's gradient)."""
+    values = read({name: s for name, s in stats.items() if not s.proof}, *args)
+    for name, s in stats.items():
+        if s.proof and torch.isfinite(values[s.proof]).all():  # sync: none, host tensors
+            values[name] = torch.zeros_like(values[s.proof])
+        elif s.proof:
+            values[name] = s.fn(*args)
+    return {name: values[name] for name in stats}  # table order
+
+
+def _by_shape(read_members, *columns: list) -> dict[str, torch.Tensor]:
+    """``read_members(*columns)``'s entries, (R,) each in row order, from one call per group of rows whose
+    tensors agree in shape (and whose other items agree): each group's tensors stacked on the STATS member
+    axis, so the seed's nine 10 x 10 kernels of a hundred epochs are one call, not nine hundred. Each member
+    is reduced alone, over the same values in the same order: the numbers are those of one call per row."""
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(zip(*columns, strict=True)):
+        key = tuple(tuple(c.shape) if isinstance(c, torch.Tensor) else c for c in row)
+        groups.setdefault(key, []).append(i)
+    out: dict[str, torch.Tensor] = {}
+    for rows in groups.values():
+        args = [[torch.stack([c[i] for i in rows]) if isinstance(c[rows[0]], torch.Tensor) else c[rows[0]]]
+                for c in columns]
+        for name, value in read_members(*args).items():  # (1, members) each
+            out.setdefault(name, value.new_empty(len(columns[0])))[rows] = value[0]
+    return out
+
+
+def _collect(blocks: list[list], where: list[tuple[int, str]], values: dict[str, torch.Tensor],
+             skip_nan: bool = False) -> None:
+    """Append to ``blocks[i]`` epoch i's rows ``(stat, layers, values)`` of ``values`` (stat -> (R,), row r
+    being layer ``where[r][1]`` of epoch ``where[r][0]``); ``skip_nan``: a NaN value (the median % change of a
+    kernel that starts at 0: it has no relative change) is left out."""
+    if not values:
+        return
+    table = torch.stack(list(values.values())).tolist()  # host tensors: a copy, no device sync
+    for stat, column in zip(values, table, strict=True):
+        rows: dict[int, tuple[list[str], list[float]]] = {}
+        for (i, name), value in zip(where, column, strict=True):
+            if not (skip_nan and math.isnan(value)):
+                names, kept = rows.setdefault(i, ([], []))
+                names.append(name)
+                kept.append(value)
+        for i, (names, kept) in rows.items():
+            blocks[i].append((stat, names, kept))
+
+
+class Pending:
+    """One fit's measured epochs whose statistics wait for ``flush``, and what the flush needs of its model.
+
+    ``layers``: (name, trainable weights, index of the kernel among them) of each kernel layer; ``acts``:
+    (name, module class) of each hidden activation; ``initial``: each kernel at the start of fit.
+    """
+
+    def __init__(self, layers: list[tuple[str, int, int]] = (), acts: list[tuple[str, str]] = (),
+                 initial: list[torch.Tensor] = (), unpack=None):
+        self.names = [name for name, _, _ in layers]
+        self.sizes = [size for _, size, _ in layers]
+        self.kernels = [k for _, _, k in layers]
+        self.acts, self.initial, self.unpack = list(acts), list(initial), unpack
+        self.epochs: list[Epoch] = []
+        self._layouts: dict[tuple[str, int], Layout] = {}
+
+    def add(self, epoch: Epoch, records: Records) -> None:
+        """Keep ``epoch``; flush into ``records`` when the waiting numbers reach FLUSH_BYTES or FLUSH_EPOCHS."""
+        self.epochs.append(epoch)
+        if len(self.epochs) >= FLUSH_EPOCHS or 8 * sum(e.numel for e in self.epochs) >= FLUSH_BYTES:
+            self.flush(records)
+
+    def flush(self, records: Records) -> None:
+        """Every waiting epoch's rows into ``records``, in epoch order: its logs, then its statistics."""
+        epochs, self.epochs = self.epochs, []
+        if not epochs:
+            return
+        numbers = [self.unpack(e.probe) if e.probe is not None else {} for e in epochs]  # float64 host copies
+        blocks: list[list] = [[] for _ in epochs]  # per epoch: (stat, layers, values), in recording order
+        self._weights([(i, e.lr, numbers[i]["weight"] if e.weights is None else e.weights)
+                       for i, e in enumerate(epochs) if e.lr is not None], blocks)
+        self._gradients([(i, n["grad"]) for i, n in enumerate(numbers) if n.get("grad") is not None], blocks)
+        self._outputs([(i, n["output"]) for i, n in enumerate(numbers) if n.get("output")], blocks)
+        for e, block in zip(epochs, blocks, strict=True):
+            for stat, value in e.scalars.items():
+                records.add(e.step, e.epoch, stat, {"": value})
+            for stat, names, values in block:
+                records.add_layers(e.step, e.epoch, stat, names, values)
+
+    def _layout(self, what: str, groups: list[list]) -> Layout:
+        key = (what, len(groups))
+        if key not in self._layouts:  # built once per fit and batch size, as the watcher does (on the host)
+            self._layouts[key] = Layout.of(groups)
+        return self._layouts[key]
+
+    def _groups(self, flat: list) -> list[list]:
+        """One list per kernel layer of its trainable weights' entries in ``flat``."""
+        ends = [sum(self.sizes[: i + 1]) for i in range(len(self.sizes))]
+        return [flat[end - size : end] for size, end in zip(self.sizes, ends, strict=True)]
+
+    def _weights(self, measured: list[tuple[int, float, list]], blocks: list[list]) -> None:
+        """The ``kernel`` entries of STATS on each kernel since the start of fit (the seed's measures) and the
+        ``weight`` entries on each layer's weights, of each (epoch, learning rate, flat weights) in ``measured``."""
+        if not measured:
+            return
+        groups = [group for _, _, flat in measured for group in self._groups(flat)]
+        where = [(i, name) for i, _, _ in measured for name in self.names]
+        lrs = [lr for _, lr, _ in measured for _ in self.names]
+        kernels = [group[k] for group, k in zip(groups, cycle(self.kernels))]
+        kernel = _by_shape(lambda start, now, lr: read(at("kernel"), start, now, lr[0], members=True),
+                           self.initial * len(measured), kernels, lrs)
+        _collect(blocks, where, kernel, skip_nan=True)
+        _collect(blocks, where, read(at("weight"), [t for group in groups for t in group],
+                                     self._layout("layers", groups)))
+
+    def _gradients(self, measured: list[tuple[int, list]], blocks: list[list]) -> None:
+        """On the probe batch: the ``grad`` entries of STATS on the compiled loss's gradient per layer and the
+        ``kernel_grad`` entries per kernel (biases left out, as train.py measures the first/last ratio), of each
+        (epoch, flat gradients) in ``measured``."""
+        if not measured:
+            return
+        groups = [group for _, flat in measured for group in self._groups(flat)]
+        kernels = [[group[k]] for group, k in zip(groups, cycle(self.kernels))]
+        values = _proved(at("grad"), [t for group in groups for t in group], self._layout("layers", groups))
+        values.update(read(at("kernel_grad"), [k for [k] in kernels], self._layout("kernels", kernels)))
+        _collect(blocks, [(i, name) for i, _ in measured for name in self.names], values)
+
+    def _outputs(self, measured: list[tuple[int, dict]], blocks: list[list]) -> None:
+        """On the probe batch: the ``output`` entries of STATS on each kernel layer's output and the
+        ``activation`` entries on each hidden activation's, of each (epoch, layer -> output) in ``measured``.
+        A probe whose loss failed on NaN/Inf outputs has these rows alone."""
+        outputs = dict(measured)
+        where = [(i, name) for i, out in measured for name in self.names if name in out]
+        if where:
+            tensors = [[outputs[i][name]] for i, name in where]
+            _collect(blocks, where, read(at("output"), [t for [t] in tensors], self._layout("outputs", tensors)))
+        for stat, s in at("activation").items():
+            hit = [(i, name, kind) for i, out in measured for name, kind in self.acts
+                   if kind in s.kinds and name in out]
+            if hit:
+                value = _by_shape(lambda out, param, s=s, stat=stat: {stat: s.fn(out, param, members=True)},
+                                  [outputs[i][name] for i, name, _ in hit], [s.kinds[kind] for _, _, kind in hit])
+                _collect(blocks, [(i, name) for i, name, _ in hit], value)
