@@ -97,7 +97,8 @@ def _torch(model: keras.Model, probe: tuple, forward, pack, compiled: bool, shar
             loss, outputs = run(*values, *[v.value for v in model.non_trainable_variables], *probe)
             grads = torch.autograd.grad(loss, values, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(values, grads, strict=True)]
-        return pack(values, grads, dict(zip(shared["taps"], outputs, strict=True)), join=False)
+        pieces = pack(values, grads, dict(zip(shared["taps"], outputs, strict=True)), join=False)
+        return torch.cat([t.detach().reshape(-1) for t in pieces])  # a copy: the weights change with fit's next step
 
     return step
 
@@ -265,8 +266,8 @@ class Probe:
 
     def pack(self, values: list, grads: list, outputs: dict, join: bool = True):
         """The picked ``values`` and ``grads`` and ``outputs`` as one vector, in backend ops (inside the
-        compiled step), or as a list (``join=False``: torch, where each copy is cheap and Keras's ops are
-        not); what each piece is, is noted for ``unpack``."""
+        compiled step), or as a list (``join=False``: torch, whose own ``cat`` joins them where Keras's ops
+        cost more); what each piece is, is noted for ``unpack``."""
         pieces = [(f"{what}:", ts[i]) for what, ts in (("weight", values), ("grad", grads)) for i in self.picked]
         pieces += [(f"output:{name}", t) for name, t in outputs.items()]
         self.parts[:] = [(what, tuple(t.shape)) for what, t in pieces]  # in place: another fit may share it
@@ -276,12 +277,11 @@ class Probe:
         return keras.ops.concatenate([keras.ops.reshape(keras.ops.cast(t, dtype), (-1,)) for _, t in pieces])
 
     def unpack(self, packed) -> dict[str, list | dict]:
-        """``pack``'s vector (or list) as float64 CPU tensors: ``{"weight": [...], "grad": [...], "output": {}}``;
-        ``measure``'s numbers already on the host (a dict) as they are."""
+        """``pack``'s vector as float64 CPU tensors: ``{"weight": [...], "grad": [...], "output": {}}``; a failed
+        ``measure``'s numbers, already on the host (a dict), as they are."""
         if isinstance(packed, dict):
             return packed
-        sizes = [math.prod(shape) for _, shape in self.parts]
-        pieces = [host(t) for t in packed] if isinstance(packed, list) else host(packed).split(sizes)
+        pieces = host(packed).split([math.prod(shape) for _, shape in self.parts])
         out: dict = {"weight": [], "grad": [], "output": {}}
         for (what, shape), t in zip(self.parts, pieces, strict=True):
             kind, key = what.split(":", 1)
@@ -299,16 +299,17 @@ class Probe:
     def measure(self):
         """One step's numbers, for ``unpack`` to give as ``{"weight": [...], "grad": [...], "output": {layer: ...}}``.
 
-        On jax and tensorflow the packed vector stays on the device until ``unpack`` copies it: their arrays
-        never change, so keeping one costs nothing and the copy can wait for the statistics (``epochs``). On
-        torch the step's list holds the weights themselves, which the next batch changes: copied now.
+        The packed vector stays on the device until ``unpack`` copies it to the host: a backend array that
+        is never written again (jax's and tensorflow's never change; torch's is a fresh ``cat``), so keeping
+        it costs nothing and the copy can wait for the statistics (``epochs``).
+
         A step that raises on the model's own numbers (torch's binary cross-entropy refuses a NaN
         prediction) gives ``None`` for the gradients and the NaN/Inf outputs, for the diagnosis to report
         (and copies of the weights); on finite numbers a compiled step that raises is given up for the eager
         one, which may raise.
         """
         try:
-            packed = self.step()
+            return self.step()
         except Exception:  # noqa: BLE001 - whatever the backend raises, the numbers decide what it was
             values = [v.value for v in self.model.trainable_variables]
             with torch.no_grad():  # a no-op off the torch backend
@@ -321,5 +322,4 @@ class Probe:
             if self.step is self.eager:
                 raise
             self.step = self.eager
-            packed = self.step()
-        return self.unpack(packed) if isinstance(packed, list) else packed
+            return self.step()
