@@ -116,8 +116,9 @@ def tensor_norms(tensors: list[Tensor], members: bool = False) -> Tensor:
     many steps at once with ``layer_norms``, two kernel calls per step instead of eight. Stacked at
     once, as ``clip_grad_norm_`` does: stacking one step's 41 scalars costs ~25 us on CPU.
     """
-    if members:
-        return torch.stack([torch.linalg.vector_norm(t.flatten(1).float(), 2.0, dim=1) for t in tensors])
+    if members:  # float32, or wider: a float64 member keeps its precision, as it would read alone
+        return torch.stack([torch.linalg.vector_norm(t.flatten(1).to(torch.promote_types(t.dtype, torch.float32)),
+                                                     2.0, dim=1) for t in tensors])
     return torch.stack(torch._foreach_norm(tensors, 2.0))
 
 

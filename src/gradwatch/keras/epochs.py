@@ -14,8 +14,8 @@ defers its host copies the same way, to one sync per flush (``watch``).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import cycle
 
 import torch
 
@@ -47,16 +47,41 @@ class Epoch:
     numel: int = 0  # numbers it holds, for FLUSH_BYTES
 
 
+@contextmanager
+def _serial():
+    """One intra-op thread for the block: every reduction runs serially, so a member's numbers are those it
+    would have alone, whatever the thread count. With more threads torch splits a lone tensor of over 32768
+    entries between them (each sums its chunk) but reduces each row of a stack in one piece: a float64 norm
+    would differ in its last bit between a flush of one epoch and one of many."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _proved(stats: dict, *args) -> dict:
-    """``read`` of ``stats``, an entry with a ``proof`` read only where its proof is not finite everywhere: zeros
-    otherwise, as the PyTorch watcher records them (a finite max |g| proves no NaN/Inf in a layer's gradient)."""
-    values = read({name: s for name, s in stats.items() if not s.proof}, *args)
+    """``read`` of ``stats`` on the member axis, an entry with a ``proof`` read only where its proof is not finite
+    everywhere: zeros otherwise, as the PyTorch watcher records them (a finite max |g| proves no NaN/Inf in a
+    layer's gradient)."""
+    values = read({name: s for name, s in stats.items() if not s.proof}, *args, members=True)
     for name, s in stats.items():
         if s.proof and torch.isfinite(values[s.proof]).all():  # sync: none, host tensors
             values[name] = torch.zeros_like(values[s.proof])
         elif s.proof:
-            values[name] = s.fn(*args)
+            values[name] = s.fn(*args, members=True)
     return {name: values[name] for name in stats}  # table order
+
+
+def _stacked(per_epoch: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Each position's tensors of every epoch stacked on the STATS member axis: (K, *shape) each."""
+    return [torch.stack(tensors) for tensors in zip(*per_epoch, strict=True)]
+
+
+def _epoch_major(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """(L, K) member-axis values as (K * L,) rows, epoch by epoch, each in layer order."""
+    return {stat: value.T.reshape(-1) for stat, value in values.items()}
 
 
 def _by_shape(read_members, *columns: list) -> dict[str, torch.Tensor]:
@@ -110,7 +135,6 @@ class Pending:
         self.kernels = [k for _, _, k in layers]
         self.acts, self.initial, self.unpack = list(acts), list(initial), unpack
         self.epochs: list[Epoch] = []
-        self._layouts: dict[tuple[str, int], Layout] = {}
 
     def add(self, epoch: Epoch, records: Records) -> None:
         """Keep ``epoch``; flush into ``records`` when the waiting numbers reach FLUSH_BYTES or FLUSH_EPOCHS."""
@@ -125,21 +149,16 @@ class Pending:
             return
         numbers = [self.unpack(e.probe) if e.probe is not None else {} for e in epochs]  # float64 host copies
         blocks: list[list] = [[] for _ in epochs]  # per epoch: (stat, layers, values), in recording order
-        self._weights([(i, e.lr, numbers[i]["weight"] if e.weights is None else e.weights)
-                       for i, e in enumerate(epochs) if e.lr is not None], blocks)
-        self._gradients([(i, n["grad"]) for i, n in enumerate(numbers) if n.get("grad") is not None], blocks)
-        self._outputs([(i, n["output"]) for i, n in enumerate(numbers) if n.get("output")], blocks)
+        with _serial():
+            self._weights([(i, e.lr, numbers[i]["weight"] if e.weights is None else e.weights)
+                           for i, e in enumerate(epochs) if e.lr is not None], blocks)
+            self._gradients([(i, n["grad"]) for i, n in enumerate(numbers) if n.get("grad") is not None], blocks)
+            self._outputs([(i, n["output"]) for i, n in enumerate(numbers) if n.get("output")], blocks)
         for e, block in zip(epochs, blocks, strict=True):
             for stat, value in e.scalars.items():
                 records.add(e.step, e.epoch, stat, {"": value})
             for stat, names, values in block:
                 records.add_layers(e.step, e.epoch, stat, names, values)
-
-    def _layout(self, what: str, groups: list[list]) -> Layout:
-        key = (what, len(groups))
-        if key not in self._layouts:  # built once per fit and batch size, as the watcher does (on the host)
-            self._layouts[key] = Layout.of(groups)
-        return self._layouts[key]
 
     def _groups(self, flat: list) -> list[list]:
         """One list per kernel layer of its trainable weights' entries in ``flat``."""
@@ -151,15 +170,15 @@ class Pending:
         ``weight`` entries on each layer's weights, of each (epoch, learning rate, flat weights) in ``measured``."""
         if not measured:
             return
-        groups = [group for _, _, flat in measured for group in self._groups(flat)]
         where = [(i, name) for i, _, _ in measured for name in self.names]
-        lrs = [lr for _, lr, _ in measured for _ in self.names]
-        kernels = [group[k] for group, k in zip(groups, cycle(self.kernels))]
+        kernels = [group[k] for _, _, flat in measured
+                   for group, k in zip(self._groups(flat), self.kernels, strict=True)]
         kernel = _by_shape(lambda start, now, lr: read(at("kernel"), start, now, lr[0], members=True),
-                           self.initial * len(measured), kernels, lrs)
+                           self.initial * len(measured), kernels, [lr for _, lr, _ in measured for _ in self.names])
         _collect(blocks, where, kernel, skip_nan=True)
-        _collect(blocks, where, read(at("weight"), [t for group in groups for t in group],
-                                     self._layout("layers", groups)))
+        weights = _stacked([flat for _, _, flat in measured])
+        layout = Layout.of(self._groups(weights), members=True)
+        _collect(blocks, where, _epoch_major(read(at("weight"), weights, layout, members=True)))
 
     def _gradients(self, measured: list[tuple[int, list]], blocks: list[list]) -> None:
         """On the probe batch: the ``grad`` entries of STATS on the compiled loss's gradient per layer and the
@@ -167,21 +186,24 @@ class Pending:
         (epoch, flat gradients) in ``measured``."""
         if not measured:
             return
-        groups = [group for _, flat in measured for group in self._groups(flat)]
-        kernels = [[group[k]] for group, k in zip(groups, cycle(self.kernels))]
-        values = _proved(at("grad"), [t for group in groups for t in group], self._layout("layers", groups))
-        values.update(read(at("kernel_grad"), [k for [k] in kernels], self._layout("kernels", kernels)))
-        _collect(blocks, [(i, name) for i, _ in measured for name in self.names], values)
+        grads = _stacked([flat for _, flat in measured])
+        kernels = [[group[k]] for group, k in zip(self._groups(grads), self.kernels, strict=True)]
+        values = _proved(at("grad"), grads, Layout.of(self._groups(grads), members=True))
+        values.update(read(at("kernel_grad"), [k for [k] in kernels], Layout.of(kernels, members=True), members=True))
+        _collect(blocks, [(i, name) for i, _ in measured for name in self.names], _epoch_major(values))
 
     def _outputs(self, measured: list[tuple[int, dict]], blocks: list[list]) -> None:
         """On the probe batch: the ``output`` entries of STATS on each kernel layer's output and the
         ``activation`` entries on each hidden activation's, of each (epoch, layer -> output) in ``measured``.
         A probe whose loss failed on NaN/Inf outputs has these rows alone."""
-        outputs = dict(measured)
-        where = [(i, name) for i, out in measured for name in self.names if name in out]
-        if where:
-            tensors = [[outputs[i][name]] for i, name in where]
-            _collect(blocks, where, read(at("output"), [t for [t] in tensors], self._layout("outputs", tensors)))
+        outputs, by_layers = dict(measured), {}
+        for i, out in measured:  # epochs by the kernel layers they have outputs of: the same, but for a failed probe
+            by_layers.setdefault(tuple(name for name in self.names if name in out), []).append(i)
+        for names, at_epochs in by_layers.items():
+            if names:
+                stacked = _stacked([[outputs[i][name] for name in names] for i in at_epochs])
+                values = read(at("output"), stacked, Layout.of([[t] for t in stacked], members=True), members=True)
+                _collect(blocks, [(i, name) for i in at_epochs for name in names], _epoch_major(values))
         for stat, s in at("activation").items():
             hit = [(i, name, kind) for i, out in measured for name, kind in self.acts
                    if kind in s.kinds and name in out]
