@@ -105,20 +105,25 @@ def _by_shape(read_members, *columns: list) -> dict[str, torch.Tensor]:
 def _collect(blocks: list[list], where: list[tuple[int, str]], values: dict[str, torch.Tensor],
              skip_nan: bool = False) -> None:
     """Append to ``blocks[i]`` epoch i's rows ``(stat, layers, values)`` of ``values`` (stat -> (R,), row r
-    being layer ``where[r][1]`` of epoch ``where[r][0]``); ``skip_nan``: a NaN value (the median % change of a
-    kernel that starts at 0: it has no relative change) is left out."""
+    being layer ``where[r][1]`` of epoch ``where[r][0]``, each epoch's rows together); ``skip_nan``: a NaN
+    value (the median % change of a kernel that starts at 0: it has no relative change) is left out."""
     if not values:
         return
     table = torch.stack(list(values.values())).tolist()  # host tensors: a copy, no device sync
+    names = [name for _, name in where]
+    runs: list[list[int]] = []  # [epoch, first row, end row] of each epoch's rows
+    for r, (i, _) in enumerate(where):
+        if runs and runs[-1][0] == i:
+            runs[-1][2] = r + 1
+        else:
+            runs.append([i, r, r + 1])
     for stat, column in zip(values, table, strict=True):
-        rows: dict[int, tuple[list[str], list[float]]] = {}
-        for (i, name), value in zip(where, column, strict=True):
-            if not (skip_nan and math.isnan(value)):
-                names, kept = rows.setdefault(i, ([], []))
-                names.append(name)
-                kept.append(value)
-        for i, (names, kept) in rows.items():
-            blocks[i].append((stat, names, kept))
+        for i, start, end in runs:
+            layers, row = names[start:end], column[start:end]
+            if skip_nan:
+                layers, row = [n for n, v in zip(layers, row, strict=True) if not math.isnan(v)], [
+                    v for v in row if not math.isnan(v)]
+            blocks[i].append((stat, layers, row))
 
 
 class Pending:
@@ -194,20 +199,22 @@ class Pending:
 
     def _outputs(self, measured: list[tuple[int, dict]], blocks: list[list]) -> None:
         """On the probe batch: the ``output`` entries of STATS on each kernel layer's output and the
-        ``activation`` entries on each hidden activation's, of each (epoch, layer -> output) in ``measured``.
-        A probe whose loss failed on NaN/Inf outputs has these rows alone."""
-        outputs, by_layers = dict(measured), {}
-        for i, out in measured:  # epochs by the kernel layers they have outputs of: the same, but for a failed probe
-            by_layers.setdefault(tuple(name for name in self.names if name in out), []).append(i)
-        for names, at_epochs in by_layers.items():
-            if names:
-                stacked = _stacked([[outputs[i][name] for name in names] for i in at_epochs])
-                values = read(at("output"), stacked, Layout.of([[t] for t in stacked], members=True), members=True)
-                _collect(blocks, [(i, name) for i in at_epochs for name in names], _epoch_major(values))
-        for stat, s in at("activation").items():
-            hit = [(i, name, kind) for i, out in measured for name, kind in self.acts
-                   if kind in s.kinds and name in out]
-            if hit:
-                value = _by_shape(lambda out, param, s=s, stat=stat: {stat: s.fn(out, param, members=True)},
-                                  [outputs[i][name] for i, name, _ in hit], [s.kinds[kind] for _, _, kind in hit])
-                _collect(blocks, [(i, name) for i, name, _ in hit], value)
+        ``activation`` entries on each hidden activation's, of each (epoch, layer -> output) in ``measured``,
+        each layer's outputs of all epochs stacked once on the member axis. A probe whose loss failed on
+        NaN/Inf outputs has these rows alone."""
+        by_layers: dict[tuple[str, ...], list[tuple[int, dict]]] = {}
+        for i, out in measured:  # epochs by the layers they have outputs of: the same, but for a failed probe
+            by_layers.setdefault(tuple(out), []).append((i, out))
+        for names, group in by_layers.items():
+            stacked = dict(zip(names, _stacked([[out[name] for name in names] for _, out in group]), strict=True))
+            epochs = [i for i, _ in group]
+            kernels = [stacked[name] for name in self.names if name in stacked]  # (K, ...) each
+            if kernels:
+                values = read(at("output"), kernels, Layout.of([[t] for t in kernels], members=True), members=True)
+                _collect(blocks, [(i, name) for i in epochs for name in self.names if name in stacked],
+                         _epoch_major(values))
+            for stat, s in at("activation").items():
+                hit = [(name, kind) for name, kind in self.acts if kind in s.kinds and name in stacked]
+                if hit:
+                    value = s.fn([stacked[name] for name, _ in hit], [s.kinds[kind] for _, kind in hit], members=True)
+                    _collect(blocks, [(i, name) for i in epochs for name, _ in hit], _epoch_major({stat: value}))
