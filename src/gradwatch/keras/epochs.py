@@ -1,14 +1,14 @@
 """The measured epochs' statistics, computed for many epochs at once when the records are read.
 
-At an epoch's end ``GradWatch`` takes only what cannot wait: the probe's step (its packed result stays on
-the device on jax and tensorflow, whose arrays never change, so keeping one is free) or host copies of
-the weights, the logs and the learning rate. ``Pending.flush`` then reads the STATS entries of every
-waiting epoch in one pass: the layers of all epochs side by side in one ``Layout`` (each tensor's read is
-its own, each layer combines its own tensors) and the equal-shaped tensors of all epochs stacked on the
-member axis (``_by_shape``: each member reduced alone, over the same values in the same order). The rows
-are those one epoch at a time would give, in the same order, for a fraction of the calls: on the seed's
-7-step epochs the statistics cost more than the probe's step when taken every epoch. The torch watcher
-defers its host copies the same way, to one sync per flush (``watch``).
+At an epoch's end ``GradWatch`` takes only what cannot wait: the probe's step, whose packed result (a fresh
+backend array nothing writes again) stays on the device, or, without a probe, host copies of the weights;
+and the logs and the learning rate. ``Pending.flush`` then reads the STATS entries of every waiting epoch on
+the member axis: each weight, gradient and output stacked over the epochs, as the ensemble stacks its
+models (one read per tensor, not one per tensor and epoch), and the kernels grouped by shape
+(``_by_shape``). Each member is reduced alone and serially, over the same values in the same order, so the
+rows are bit for bit, and in the order, those of one epoch at a time. Read every epoch, the statistics cost
+the seed's ~14 ms jax epoch more than the probe's step did (~1.5 ms against ~1); a flush of 100 epochs
+costs ~0.3 ms an epoch. The torch watcher likewise reads its buffers once per flush (``watch``).
 """
 
 from __future__ import annotations
