@@ -107,13 +107,14 @@ class _Unwatched:
 def _plan(name: str, base: Plan, make_model) -> Plan | str:
     """The Plan of treatment ``name`` (``untreated``: the user's own; ``a+b``: ``b`` on top of ``a``), decided
     on a fresh model; why not, where a part does not apply."""
-    plan: Plan | str = base
     if name == "untreated":
-        return plan
+        return base
     torch.manual_seed(0)
-    model = make_model()
+    model, plan = make_model(), base
     for part in name.split(COMBINED):
-        plan = TREATMENTS[part](plan, model) if not isinstance(plan, str) else plan
+        plan = TREATMENTS[part](plan, model)
+        if isinstance(plan, str):  # the first part that does not apply says why
+            return plan
     return plan
 
 
