@@ -268,17 +268,19 @@ def plain_seconds(make_model, data, loss_fn, optimizer, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def examine(case: Case, steps: int, seeds: int) -> dict:
-    """The doctor on one case, timed beside one plain run of it; then every treatment it screened out is
-    measured in full too (outside the timer), so "fixed" judges each at the same budget and seeds."""
+def examine(case: Case, steps: int, seeds: int, workers: int = 1) -> dict:
+    """The doctor on one case, timed beside one plain run of it; then every treatment it screened out, or
+    measured on the first seed only (a race's runner-up), is measured in full too (outside the timer), so "fixed" judges
+    each at the same budget and seeds."""
     make_model, data, loss_fn, optimizer = case.make()
     plain = plain_seconds(make_model, data, loss_fn, optimizer, steps)
     start = time.perf_counter()
-    rx = doctor(make_model, data, loss_fn, optimizer, steps=steps, seeds=seeds)
+    rx = doctor(make_model, data, loss_fn, optimizer, steps=steps, seeds=seeds, workers=workers)
     seconds = time.perf_counter() - start
-    screened = [t for t in rx.treatments if not t.losses]
-    for t in screened:
-        for seed in range(seeds):
+    trials = (sum(len(t.losses) for t in [rx.untreated, *rx.treatments])
+              + sum(not math.isnan(t.screened) for t in rx.treatments) / SCREEN)
+    for t in rx.treatments:  # the screened out and the race's runners-up: every seed, watched
+        for seed in range(len(t.losses), seeds):
             t.record(*run_trial(t.plan, make_model, schedule(data, steps, seed), loss_fn, seed))
     base, twin = rx.untreated.loss, twin_loss(case, steps, seeds)
     learned = twin < 0.5 * base  # a twin that did not learn either (a deep plain ReLU net on circles) is no yardstick
@@ -287,7 +289,7 @@ def examine(case: Case, steps: int, seeds: int) -> dict:
     return {"family": case.family, "name": case.name, "kind": case.kind, "found": [f.kind for f in rx.findings],
             "untreated": base, "twin": twin, "ranked": [t.name for t in rx.treatments],
             "losses": [t.loss for t in rx.treatments], "fixed": fixed, "seconds": seconds, "plain_seconds": plain,
-            "trials": seeds * (1 + len(rx.treatments) - len(screened)) + len(screened) / SCREEN}
+            "trials": trials}
 
 
 def figures(rows: list[dict]) -> dict:
@@ -339,6 +341,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--json", type=str, default=None, help="write the held-out figures here")
     parser.add_argument("--held-out", action="store_true", help="only the held-out families: the figures that count")
+    parser.add_argument("--workers", type=int, default=1, help="the doctor's worker processes (1: its trials here)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     chosen = cases()
@@ -348,13 +351,13 @@ def main() -> None:
     if args.held_out:
         chosen = [c for c in chosen if c.family in HELD_OUT]
     done = {}  # name -> row, from an interrupted run with the same settings: a crash costs one model
-    cache = f"{args.json or 'clinic.json'}.rows-{args.steps}-{seeds}.jsonl"
+    cache = f"{args.json or 'clinic.json'}.rows-{args.steps}-{seeds}-{args.workers}.jsonl"
     if os.path.exists(cache):
         with open(cache) as f:
             done = {r["name"]: r for r in map(json.loads, f)}
     rows = []
     for i, case in enumerate(chosen, 1):
-        rows.append(done.get(case.name) or examine(case, args.steps, seeds))
+        rows.append(done.get(case.name) or examine(case, args.steps, seeds, args.workers))
         r = rows[-1]
         if case.name not in done:
             with open(cache, "a") as f:

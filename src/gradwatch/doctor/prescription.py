@@ -17,7 +17,7 @@ from gradwatch.diagnose.evidence import Evidence
 from gradwatch.doctor.treatments import Plan
 from gradwatch.records import Records
 
-FINALISTS = 2  # treatments measured on every seed and the whole budget; the rest are screened out
+FINALISTS = 2  # treatments the screening keeps for the whole budget: they race on the first seed, the best on all
 SCREEN = 4  # a screening trial runs 1/SCREEN of the steps, on the first seed
 COMBINED = "+"  # "a+b": treatment b on top of treatment a (prescribe's second round)
 
@@ -112,20 +112,24 @@ class Prescription:
         """One row per trial, untreated first then best first: the table ``print`` shows and the report draws.
 
         A treatment screened out shows its screening loss only: beside the whole budget's it compares nothing.
+        A race's runner-up is measured on the first seed only, and compared with the untreated run there.
         """
         kinds = {f.kind for f in self.findings}
         rows = []
-        for rank, t in enumerate([self.untreated, *self.treatments]):
-            measured = bool(t.losses)
+        for place, t in enumerate([self.untreated, *self.treatments]):
+            n = len(t.losses)
+            spread = (f"({min(t.losses):.3g}-{max(t.losses):.3g})" if n > 1
+                      else "(seed 0 only: beaten there)" if n < self.seeds else "")
             rows.append({
-                "#": str(rank or "-"), "treatment": t.name,
-                "final loss (min-max)": f"{t.loss:.3g} ({min(t.losses):.3g}-{max(t.losses):.3g})" if measured
+                "#": str(place or "-"), "treatment": t.name,
+                "final loss (min-max)": f"{t.loss:.3g} {spread}" if n
                 else f"{t.screened:.3g} (screened out: seed 0, {self.steps // SCREEN} steps)",
-                "vs untreated": _change(t.loss, self.untreated.loss) if rank and measured else "",
-                "grad ratio": f"{t.ratio('grad_norm'):.2g}" if measured else "",
-                "signal ratio": f"{t.ratio('backprop_norm'):.2g}" if measured else "",
-                "clears": ", ".join(sorted(kinds - set(t.kinds))) if rank and measured else "",
-                "still": (", ".join(t.kinds) or "-") if measured else ""})
+                # against the untreated run on the same seeds
+                "vs untreated": _change(t.loss, statistics.median(self.untreated.losses[:n])) if place and n else "",
+                "grad ratio": f"{t.ratio('grad_norm'):.2g}" if n else "",
+                "signal ratio": f"{t.ratio('backprop_norm'):.2g}" if n else "",
+                "clears": ", ".join(sorted(kinds - set(t.kinds))) if place and n else "",
+                "still": (", ".join(t.kinds) or "-") if n else ""})
         return rows
 
     def __str__(self) -> str:
@@ -187,14 +191,15 @@ def prescribe(trial: Callable[[list[Treatment]], list[Treatment]], untreated: Tr
         names = [f"{best.name}{COMBINED}{r.name}" for f in _majority(best) for r in f.remedies
                  if r.name not in best.name.split(COMBINED)]
         more, more_dropped = _round(trial, propose, screen, finalists, names, {})
-        tried = sorted(tried + more, key=_rank)
+        tried = sorted(tried + more, key=rank)
         dropped = sorted(dropped + more_dropped, key=lambda t: t.screened)
     return Prescription(findings, untreated, tried + dropped, untried, seeds=0, steps=0, seconds=0.0)
 
 
-def _rank(t: Treatment) -> tuple[float, int]:
-    """Lower measured loss first; fewer findings left breaks a tie."""
-    return t.loss, len(t.kinds)
+def rank(t: Treatment) -> tuple[int, float, int]:
+    """Measured on more seeds first (a race's winner before the runners-up it beat on the first seed), then
+    lower loss; fewer findings left breaks a tie."""
+    return -len(t.losses), t.loss, len(t.kinds)
 
 
 def _round(trial, propose, screen, finalists: int, names: list[str],
@@ -213,4 +218,4 @@ def _round(trial, propose, screen, finalists: int, names: list[str],
         screen(candidates)
         candidates.sort(key=lambda t: t.screened)
         candidates, dropped = candidates[:finalists], candidates[finalists:]
-    return sorted(trial(candidates), key=_rank), dropped
+    return sorted(trial(candidates), key=rank), dropped

@@ -62,6 +62,11 @@ def pool_for(workers: int | None, *picklable) -> ProcessPoolExecutor | None:
     return _POOLS[workers]
 
 
+def lanes(pool: ProcessPoolExecutor) -> int:
+    """How many trials ``pool`` runs side by side: the workers it was started with."""
+    return next(workers for workers, started in _POOLS.items() if started is pool)
+
+
 def drop(pool: ProcessPoolExecutor) -> None:
     """Forget a pool whose worker died, so that the next doctor call starts a fresh one."""
     for key in [k for k, v in _POOLS.items() if v is pool]:
