@@ -1,6 +1,6 @@
 """The clinic: faulty and healthy models built in code, diagnosed and treated by ``gradwatch.doctor``.
 
-    python benchmarks/clinic.py [--quick] [--held-out] [--seeds N] [--steps N] [--json PATH]
+    python benchmarks/clinic.py [--quick] [--held-out] [--seeds N] [--steps N] [--workers N] [--json PATH]
 
 Every model is built here (no downloads) on sklearn's bundled data (moons, circles, digits) or a
 synthetic task (adding, a teacher net). Cases are split by *architecture family*, not by run: the
@@ -254,18 +254,22 @@ def twin_loss(case: Case, steps: int, seeds: int) -> float:
                                                   loss_fn, s)[0]) for s in range(seeds))
 
 
-def plain_seconds(make_model, data, loss_fn, optimizer, steps: int) -> float:
-    """One untreated training run, as the user runs it: seed 0's batches, no watcher; wall seconds."""
+def plain_seconds(make_model, data, loss_fn, optimizer, steps: int, repeats: int = 3) -> float:
+    """One untreated training run, as the user runs it: seed 0's batches, no watcher; wall seconds, the median
+    of ``repeats`` runs (one run of a small net moved by 2x between passes on the shared host)."""
     batches = schedule(data, steps, 0)
-    torch.manual_seed(0)
-    model = make_model()
-    opt = optimizer(model.parameters())
-    start = time.perf_counter()
-    for x, y in batches:
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
-        opt.step()
-    return time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        torch.manual_seed(0)
+        model = make_model()
+        opt = optimizer(model.parameters())
+        start = time.perf_counter()
+        for x, y in batches:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def examine(case: Case, steps: int, seeds: int, workers: int = 1) -> dict:
@@ -341,7 +345,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--json", type=str, default=None, help="write the held-out figures here")
     parser.add_argument("--held-out", action="store_true", help="only the held-out families: the figures that count")
-    parser.add_argument("--workers", type=int, default=1, help="the doctor's worker processes (1: its trials here)")
+    parser.add_argument("--workers", type=int, default=2, help="the doctor's worker processes, started once "
+                        "(1: every trial in this process)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     chosen = cases()
