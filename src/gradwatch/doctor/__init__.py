@@ -63,7 +63,7 @@ def doctor(make_model: Callable[[], nn.Module], data, loss_fn: Callable, optimiz
     intra-op threads during the trials, restored after (None: leave them): small nets on a busy CPU
     lose more to idle threads than they gain, measured: the seed's net took 653 s wall at torch's
     default of 2 threads on a loaded 2-core host, 28 s at 1. ``finalists``: how many treatments the
-    screening keeps for the whole measurement (0: no screening, every treatment measured in full).
+    screening keeps to race for the whole budget (0: no screening, every treatment on every seed).
 
     Examples:
         >>> rx = gradwatch.doctor(make_model, (X, Y), torch.nn.functional.cross_entropy)

@@ -169,8 +169,9 @@ def prescribe(trial: Callable[[list[Treatment]], list[Treatment]], untreated: Tr
     """The doctor's method, whatever trains the trials: the untreated run's majority findings propose
     remedies; ``propose(name)`` makes each a Treatment or says why it cannot be tried; ``screen``
     (where given, and more than ``finalists`` are proposed) sets each one's ``screened`` loss and
-    only the best ``finalists`` go on; ``trial`` trains those from the same seeds; the measured final
-    loss ranks them (fewer findings left breaks a tie), the screened-out ones after them.
+    only the best ``finalists`` go on; ``trial`` trains those from the same seeds (the PyTorch doctor's
+    races them: every seed for the winner only); what was measured ranks them (``rank``), the
+    screened-out ones after them.
 
     ``combine`` (``propose`` takes ``a+b``: ``b`` on top of ``a``): where most seeds of the best treatment
     still show a finding, that finding's remedies are tried on top of it in a second round, as a
