@@ -181,6 +181,7 @@ class Trials:
         self.waiting = []
 
     def cancel(self) -> None:
+        """Drop the waiting trials where the doctor stops early (an error): nothing will read them."""
         for _, f in self.waiting:
             f.cancel()
         self.waiting = []
