@@ -272,10 +272,10 @@ def plain_seconds(make_model, data, loss_fn, optimizer, steps: int, repeats: int
     return statistics.median(times)
 
 
-def examine(case: Case, steps: int, seeds: int, workers: int = 1) -> dict:
-    """The doctor on one case, timed beside one plain run of it; then every treatment it screened out, or
-    measured on the first seed only (a race's runner-up), is measured in full too (outside the timer), so "fixed" judges
-    each at the same budget and seeds."""
+def examine(case: Case, steps: int, seeds: int, workers: int) -> dict:
+    """The doctor on one case, timed beside plain runs of it; then every treatment it screened out, or
+    measured on the first seed only (a race's runner-up), is measured in full too (outside the timer), so
+    "fixed" judges each at the same budget and seeds."""
     make_model, data, loss_fn, optimizer = case.make()
     plain = plain_seconds(make_model, data, loss_fn, optimizer, steps)
     start = time.perf_counter()
