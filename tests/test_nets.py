@@ -108,3 +108,24 @@ def test_scale_is_the_variance_times_fan_in_of_a_square_layer(name):
     INITS[name](w)
     assert w.var().item() * FAN_IN == pytest.approx(SCALE[name], rel=0.03)
     assert sigma_w2(ModelSpec(init=name, init_gain=2.0)) == pytest.approx(4 * SCALE[name])
+
+
+@pytest.mark.parametrize("model", [
+    ModelSpec(),
+    ModelSpec(init="default", depth=3, width=7),
+    ModelSpec(init="orthogonal", sigma_w2=1.76, sigma_b2=0.05, activation="tanh"),
+    ModelSpec(init="he_normal", bias_init=0.1, activation="prelu", norm="batch", residual=True),
+], ids=["seed", "default", "sigma", "prelu_norm"])
+def test_redraw_draws_what_a_fresh_build_draws(model):
+    """The stacked ensembles build one net and redraw it per member: any other draw order changes every seed."""
+    torch.manual_seed(3)
+    net = build(model, 2, 1)
+    other = build(model, 2, 1)  # moves the generator on, so a redraw that drew nothing would differ
+    torch.manual_seed(7)
+    net.redraw_(model)
+    torch.manual_seed(7)
+    fresh = build(model, 2, 1)
+    assert net.state_dict().keys() == fresh.state_dict().keys()
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(net.state_dict()[name], value), name
+    assert not torch.equal(other.dense1.weight, fresh.dense1.weight)

@@ -97,6 +97,11 @@ def init_(linear: nn.Linear | nn.Module, spec: ModelSpec) -> None:
             linear.bias.normal_(spec.bias_init, math.sqrt(spec.sigma_b2))
 
 
+def _output(spec: ModelSpec) -> ModelSpec:
+    """The output layer's init: the hidden layers' weights, no bias offset or noise."""
+    return spec.model_copy(update={"bias_init": 0.0, "sigma_b2": 0.0})
+
+
 class MLP(nn.Module):
     """``depth`` x (Dense -> norm -> activation [+ skip]) -> Dense ``out``; returns pre-activations.
 
@@ -117,7 +122,21 @@ class MLP(nn.Module):
             self.add_module(f"act{i}", ACTIVATIONS[spec.activation]())
             width = spec.width
         self.out = nn.Linear(width, n_out)
-        init_(self.out, spec.model_copy(update={"bias_init": 0.0, "sigma_b2": 0.0}))
+        init_(self.out, _output(spec))
+
+    def redraw_(self, spec: ModelSpec) -> None:
+        """Draw the Dense layers' weights again, as construction draws them and in its order.
+
+        Under one ``torch.manual_seed``, ``build(spec)`` and a built net's ``redraw_(spec)`` give the
+        same weights (no other module draws at construction), without constructing modules: most of
+        a stacked ensemble's setup, which builds one member after another (ensemble/stack.py).
+        """
+        for i in range(1, self.depth + 1):
+            dense = getattr(self, f"dense{i}")
+            dense.reset_parameters()
+            init_(dense, spec)
+        self.out.reset_parameters()
+        init_(self.out, _output(spec))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x

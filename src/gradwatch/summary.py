@@ -8,6 +8,9 @@ ratio on the first batch with the one-word verdict it gives.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
 from gradwatch.diagnose import verdict
 from gradwatch.records import Records, first_over_last
 
@@ -23,27 +26,45 @@ INIT = "weight_grad_norm"  # the first/last ratio's statistic, read at the first
 SKIPPED = "skipped"  # the loss scaler's flag, 1 at each update it skipped: summed into ``skipped_steps``
 
 
-def _read(records: Records) -> tuple[dict, dict, dict, int, int]:
-    """In one pass over the rows (a sweep summarises hundreds of runs of ~10k rows each): the last value
-    of each epoch-level scalar, the first layer's value of each FIRST_LAYER stat at its last step
-    (``Records.last``), INIT's layer -> value at its first step (``Records.at``), the last loss's step,
-    the updates the loss scaler skipped."""
-    scalars: dict[str, float] = {}
-    first: dict[str, tuple[int, float]] = {}
-    init: dict[str, float] = {}
-    start, steps, skipped = None, 0, 0
+@dataclass(frozen=True)
+class Picks:
+    """The rows a summary reads, by position, from one pass over the rows' (step, epoch, layer, stat).
+
+    They depend on the rows' layout alone, never on their values, so runs that share one (the
+    members of a stacked ensemble) are summarised from a single pass and each run's values
+    (ensemble/results.py). ``scalars``: each epoch-level scalar's last row; ``first``: the first
+    layer's row of each FIRST_LAYER stat at its last step (``Records.last``); ``init``: INIT's
+    layer -> row at its first step (``Records.at``); ``steps``: the last loss's step; ``skipped``:
+    the loss scaler's rows, whose updates were skipped where the value is positive.
+    """
+
+    scalars: dict[str, int]
+    first: dict[str, int]
+    init: dict[str, int]
+    steps: int
+    skipped: list[int]
+
+
+def picks(rows: Iterable[tuple]) -> Picks:
+    """``Picks`` of rows (step, epoch, layer, stat, ...) in one pass: a sweep summarises hundreds of runs
+    of ~10k rows each."""
+    scalars: dict[str, int] = {}
+    first: dict[str, tuple[int, int]] = {}
+    init: dict[str, int] = {}
+    start, steps, skipped = None, 0, []
     wanted = {stat for stat, _ in FIRST_LAYER}
-    for step, _, layer, stat, value in records.rows:
+    for i, row in enumerate(rows):
+        step, layer, stat = row[0], row[2], row[3]
         if stat == SKIPPED:
-            skipped += value > 0
+            skipped.append(i)
         elif layer == "":
-            scalars[stat] = value
+            scalars[stat] = i
             steps = step if stat == "loss" else steps
         elif stat in wanted and (stat not in first or first[stat][0] != step):
-            first[stat] = (step, value)
+            first[stat] = (step, i)
         elif stat == INIT and (start is None or start == step):
-            start, init[layer] = step, value
-    return scalars, {stat: v for stat, (_, v) in first.items()}, init, steps, skipped
+            start, init[layer] = step, i
+    return Picks(scalars, {stat: i for stat, (_, i) in first.items()}, init, steps, skipped)
 
 
 def summarize(records: Records, status: str = "finished", **extra) -> dict:
@@ -55,14 +76,20 @@ def summarize(records: Records, status: str = "finished", **extra) -> dict:
     (a Keras fit with no probe, or on a backend without autodiff) the verdict is ``unknown``: a NaN
     ratio is no evidence of an explosion.
     """
-    scalars, first, init, steps, skipped = _read(records)
+    return summarize_picked(picks(records.rows), [row[4] for row in records.rows], status, **extra)
+
+
+def summarize_picked(picked: Picks, values: Sequence[float], status: str = "finished", **extra) -> dict:
+    """``summarize`` of the rows whose ``picks`` these are, from the rows' values alone."""
+    scalars = {stat: values[i] for stat, i in picked.scalars.items()}
+    init = {layer: values[i] for layer, i in picked.init.items()}
     ratio = first_over_last(init)
     return {
         **{key: next((scalars[s] for s in stats if s in scalars), None) for key, stats in LAST.items()},
-        **{key: first.get(stat) for stat, key in FIRST_LAYER},
+        **{key: values[picked.first[stat]] if stat in picked.first else None for stat, key in FIRST_LAYER},
         "grad_ratio_first_last": ratio,
         **extra,
-        "steps": steps,
-        "skipped_steps": skipped,
+        "steps": picked.steps,
+        "skipped_steps": sum(values[i] > 0 for i in picked.skipped),
         "verdict": verdict(ratio, status) if init or status == "diverged" else "unknown",
     }

@@ -5,7 +5,8 @@ autograd: the bias rides in the batched matmul (each layer's input carries a row
 block the bias as last column), weight gradients are written straight into the gradient buffer, and
 no activation is allocated or copied twice. It computes what autograd computes, with the kernels
 ``nn``'s modules and their derivative formulas call (``sigmoid_backward``, ``threshold_backward``,
-...; torch's derivatives.yaml), in about 60% of autograd's time for the seed's nets.
+...; torch's derivatives.yaml), in about 60% of autograd's time for the seed's nets; its products
+go through kernels.py, the small batched matmuls that are most of a step's time.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gradwatch.ensemble import kernels
 from gradwatch.ensemble.stack import Stack
 
 aten, nn_ops = torch.ops.aten, torch._C._nn
 SELU = (1.6732632423543772848170429916717, 1.0507009873554804934193349852946)  # aten's alpha and scale
-LANES = 16  # floats in an AVX-512 register: a weight gradient's width is padded to whole ones
 
 # activation module -> (forward(module, z, out), backward(module, grad, z, a, out)). An activation
 # missing here trains through autograd (Stack.forward), so a new entry in nets.ACTIVATIONS needs none.
@@ -58,21 +59,18 @@ class Manual:
 
     def _buffers(self, size: int) -> dict[str, list[Tensor]]:
         """Per layer l: input h (E, in + 1, B) with a row of ones, output z (E, out, B), activation a,
-        and the gradients dz (E, out, B) and dh (E, in, B); h is a view of ``padded`` (E, LANES k, B),
-        whose rows after the ones stay zero, and ``dw`` (E, out, LANES k) takes the weight gradient."""
+        and the gradients dz (E, out, B) and dh (E, in, B)."""
         if size not in self.sets:
             E, blocks = self.stack.n, [self.stack.dense[n] for n in self.names]
-            padded = [torch.zeros(E, -(-b.shape[2] // LANES) * LANES, size) for b in blocks]
-            h = [p[:, : b.shape[2]] for p, b in zip(padded, blocks, strict=True)]
+            h = [torch.empty(E, b.shape[2], size) for b in blocks]
             for rows in h:
                 rows[:, -1] = 1.0
-            dw = [torch.empty(E, b.shape[1], p.shape[1]) for p, b in zip(padded, blocks, strict=True)]
             z = [torch.empty(E, b.shape[1], size) for b in blocks]
             # the activation goes straight into the next input unless a skip connection adds to it there
             a = [torch.empty_like(z[i]) if self._skips(i) else h[i + 1][:, :-1] for i in range(len(blocks) - 1)]
             dz = [torch.empty_like(t) for t in z[:-1]]
             dh = [torch.empty(E, b.shape[2] - 1, size) for b in blocks]
-            self.sets[size] = {"h": h, "z": z, "a": a, "dz": dz, "dh": dh, "padded": padded, "dw": dw}
+            self.sets[size] = {"h": h, "z": z, "a": a, "dz": dz, "dh": dh}
         return self.sets[size]
 
     def _skips(self, i: int) -> bool:
@@ -86,7 +84,7 @@ class Manual:
         h, z, a = buf["h"], buf["z"], buf["a"]
         h[0][:, :-1].copy_(x)
         for i, name in enumerate(self.names):
-            torch.bmm(self.stack.dense[name], h[i], out=z[i])  # [W | b] @ [h; 1] = W h + b
+            kernels.matmul(self.stack.dense[name], h[i], z[i])  # [W | b] @ [h; 1] = W h + b
             if i == len(a):
                 break
             for module, forward, _, part in self.acts:
@@ -99,18 +97,14 @@ class Manual:
 
     def backward(self, buf: dict[str, list[Tensor]], grad_out: Tensor) -> None:
         """From dL/dz of the output layer (E, n_out, B), every layer's [dW | db] into ``stack.grads``."""
-        z, a, dz, dh, padded, dw = (buf[k] for k in ("z", "a", "dz", "dh", "padded", "dw"))
+        h, z, a, dz, dh = (buf[k] for k in ("h", "z", "a", "dz", "dh"))
         g, carry = grad_out, None
         for i in range(len(self.names) - 1, -1, -1):
             block = self.stack.dense[self.names[i]]
-            torch.bmm(g, padded[i].transpose(1, 2), out=dw[i])  # [dW | db | 0...]: whole vector lanes
-            self.stack.grads[self.names[i]].view(block.shape).copy_(dw[i][:, :, : block.shape[2]])
+            grad = self.stack.grads[self.names[i]].view(block.shape)
+            kernels.backward(g, h[i], grad, *((block, dh[i]) if i else ()))  # [dW | db], dL/d(input) but for the first
             if i == 0:
                 break
-            weights = block[:, :, :-1].transpose(1, 2)
-            # dL/d(input of layer i); from one output unit an outer product, which MKL's batched GEMM
-            # ran 20x slower than a broadcast multiply (440 vs 20 us at E=512, B=32), the same numbers
-            (torch.mul if block.shape[1] == 1 else torch.bmm)(weights, g, out=dh[i])
             if carry is not None:
                 dh[i].add_(carry)
             carry = self._carry(i - 1, dh[i])

@@ -40,11 +40,15 @@ class Stack:
     def __init__(self, specs: Sequence[Spec], n_in: int, n_out: int):
         rows: dict[str, list[Tensor]] = {}  # module -> each member's block
         buffers: dict[str, list[Tensor]] = {}  # batch norm's running statistics
+        net = model = None
         for spec in specs:  # one net at a time: E whole nn.Modules alive at once cost more than the nets
             # torch.manual_seed's CPU part, as train.Training seeds before nets.build (the rest seeds
             # CUDA/XPU lazily and formats a stack trace per call: a fifth of this loop's time)
             torch.default_generator.manual_seed(spec.train.seed)
-            net = build(spec.model, n_in, n_out)
+            if net is not None and spec.model == model:  # the previous member's net, its weights drawn anew
+                net.redraw_(spec.model)
+            else:
+                net, model = build(spec.model, n_in, n_out), spec.model
             for name, module in net.named_modules():
                 if any(True for _ in module.parameters(recurse=False)):
                     rows.setdefault(name, []).append(_row(module))

@@ -1,0 +1,75 @@
+"""kernels.c against torch.bmm: the stacked step's products, on the shapes its nets and batches make."""
+
+import pytest
+import torch
+
+from gradwatch.ensemble import kernels
+
+# (members, output rows, inner size, batch): the seed's layers and batches, an output unit, a first layer,
+# a tail of every width past the vectors, more rows than one tile, inner sizes past one transpose block
+SHAPES = [(64, 10, 11, 32), (64, 10, 11, 8), (5, 1, 11, 32), (5, 10, 3, 32), (3, 13, 5, 37), (2, 9, 33, 16),
+          (3, 33, 17, 1), (2, 4, 40, 23)]
+
+
+def test_it_builds_here():
+    """CI has a C compiler: were it to stop building, every product would silently take the slow road."""
+    assert kernels.library() is not None
+
+
+@pytest.mark.parametrize("road", ["c", "torch"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_products_equal_bmm(shape, road, monkeypatch):
+    if road == "torch":
+        monkeypatch.setattr(kernels, "library", lambda: None)
+    E, O, K, B = shape  # noqa: E741
+    torch.manual_seed(0)
+    block = torch.randn(E, O, K + 1)  # [W | b]
+    h, g = torch.randn(E, K + 1, B), torch.randn(E, O, B)
+    z = torch.full((E, O, B), float("nan"))
+    kernels.matmul(block, h, z)
+    torch.testing.assert_close(z, torch.bmm(block, h), rtol=1e-5, atol=1e-5)
+
+    grad, dh = torch.full((E, O, K + 1), float("nan")), torch.full((E, K, B), float("nan"))
+    kernels.backward(g, h, grad, block, dh)
+    torch.testing.assert_close(grad, torch.bmm(g, h.transpose(1, 2)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dh, torch.bmm(block[:, :, :K].transpose(1, 2), g), rtol=1e-5, atol=1e-5)
+
+
+def test_strided_operands_and_the_fallback_agree(monkeypatch):
+    """Views into larger buffers (the next layer's input, a gradient block) are read and written in place,
+    nothing around them touched; without the library the same call gives the same numbers through torch."""
+    torch.manual_seed(1)
+    E, O, K, B = 6, 10, 11, 32  # noqa: E741
+    block = torch.randn(E, O, K + 1)
+    wide = torch.randn(E, K + 4, B)
+    h = wide[:, 2 : K + 3]  # rows K + 1 of K + 4: member and row strides of the wider buffer
+    g = torch.randn(E, O, B)
+    out = torch.zeros(E, O + 3, B)
+    results = []
+    for lib in (kernels.library(), None):
+        monkeypatch.setattr(kernels, "library", lambda lib=lib: lib)
+        out.zero_()
+        kernels.matmul(block, h, out[:, 1 : O + 1])
+        grads, dh = torch.zeros(E, O, K + 1), torch.zeros(E, K, B)
+        kernels.backward(g, h, grads, block, dh)
+        results.append((out.clone(), grads, dh))
+        assert out[:, 0].abs().sum() == 0 and out[:, O + 1 :].abs().sum() == 0
+    for native, fallback in zip(*results, strict=True):
+        torch.testing.assert_close(native, fallback, rtol=1e-5, atol=1e-5)
+
+
+def test_mismatched_shapes_are_refused_before_any_memory_is_touched():
+    with pytest.raises(ValueError, match="kernels.matmul"):
+        kernels.matmul(torch.randn(2, 3, 4), torch.randn(2, 5, 8), torch.empty(2, 3, 8))
+    with pytest.raises(ValueError, match="kernels.backward"):
+        kernels.backward(torch.randn(2, 3, 8), torch.randn(2, 4, 8), torch.empty(2, 3, 5))
+
+
+def test_non_finite_values_pass_through():
+    """NaN/Inf are a finding downstream (a diverged member), not something a kernel may hide."""
+    block, h = torch.ones(2, 3, 4), torch.ones(2, 4, 16)
+    h[0, 1, 5] = float("nan")
+    h[1, 2, 7] = float("inf")
+    z = torch.empty(2, 3, 16)
+    kernels.matmul(block, h, z)
+    assert z[0, :, 5].isnan().all() and z[1, :, 7].isinf().all() and z.isfinite().sum() == 2 * 3 * 16 - 6
