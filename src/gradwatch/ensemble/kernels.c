@@ -7,6 +7,9 @@
 
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 typedef int64_t i64;
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
@@ -61,16 +64,27 @@ static inline void transpose16(v16 *r) {
   }
 }
 
+/* the first n lanes of v at out: one masked store where the CPU has them */
+static inline void put(float *out, v16 v, i64 n) {
+#ifdef __AVX512F__
+  _mm512_mask_storeu_ps(out, (__mmask16)((1u << n) - 1), (__m512)v);
+#else
+  for (i64 l = 0; l < n; l++) out[l] = v[l];
+#endif
+}
+
 /* one member: d (O, K) = g (O, B) h (K, B)^T, a sum along the rows both operands keep contiguous.
-   Each 16 x 16 block of h is transposed once into ht (B vectors, rows past K zero), then every
-   output row takes one broadcast multiply-add per example, instead of a horizontal sum per output */
+   Each 16 x 16 block of h is transposed once, in registers (rows past K zero), then every output
+   row adds one broadcast multiply-add per example of the block to its sum in acc (O vectors),
+   instead of a horizontal sum per output */
 static void outer_product(const float *g, i64 gs_r, const float *h, i64 hs_r, float *d, i64 ds_r, i64 O, i64 K,
-                          i64 B, v16 *ht) {
+                          i64 B, v16 *acc) {
   for (i64 k = 0; k < K; k += 16) {
     i64 rows = K - k < 16 ? K - k : 16;
+    for (i64 o = 0; o < O; o++) acc[o] = (v16){0};
     for (i64 b = 0; b < B; b += 16) {
       i64 n = B - b < 16 ? B - b : 16;
-      v16 *r = ht + b;
+      v16 r[16];
       for (int j = 0; j < 16; j++) {
         const float *row = h + (k + j) * hs_r + b;
         if (j >= rows)
@@ -81,17 +95,14 @@ static void outer_product(const float *g, i64 gs_r, const float *h, i64 hs_r, fl
           for (int l = 0; l < 16; l++) r[j][l] = l < n ? row[l] : 0.f;
       }
       transpose16(r); /* r[l] = h[k .. k + 15, b + l] */
+      for (i64 o = 0; o < O; o++) {
+        const float *go = g + o * gs_r + b;
+        v16 sum = acc[o];
+        for (i64 l = 0; l < n; l++) sum += go[l] * r[l];
+        acc[o] = sum;
+      }
     }
-    for (i64 o = 0; o < O; o++) {
-      const float *go = g + o * gs_r;
-      v16 acc = {0};
-      for (i64 b = 0; b < B; b++) acc += go[b] * ht[b];
-      float *out = d + o * ds_r + k;
-      if (rows == 16)
-        *(v16 *)out = acc;
-      else
-        for (i64 l = 0; l < rows; l++) out[l] = acc[l];
-    }
+    for (i64 o = 0; o < O; o++) put(d + o * ds_r + k, acc[o], rows);
   }
 }
 
@@ -104,17 +115,17 @@ void matmul(const float *w, i64 ws_e, i64 ws_r, i64 ws_c, const float *x, i64 xs
 /* A Dense layer's backward for every member, g (E, O, B) read once while it is in cache:
    d[e] = g[e] h[e]^T (d (E, O, K), h (E, K, B): the weight gradient) and, unless dh is NULL,
    dh[e] = w[e]^T g[e] (w (E, O, C) with rows ws_r apart, dh (E, C, B): the input's gradient).
-   Returns 1 where its transpose buffer cannot be allocated, else 0 */
+   Returns 1 where its buffer of sums cannot be allocated, else 0 */
 int backward(const float *g, i64 gs_e, i64 gs_r, const float *h, i64 hs_e, i64 hs_r, float *d, i64 ds_e, i64 ds_r,
              const float *w, i64 ws_e, i64 ws_r, float *dh, i64 dhs_e, i64 dhs_r, i64 E, i64 O, i64 K, i64 C,
              i64 B) {
-  v16 *ht = malloc(((B + 15) / 16 * 16) * sizeof(v16));
-  if (!ht) return 1;
+  v16 *acc = malloc(O * sizeof(v16));
+  if (!acc) return 1;
   for (i64 e = 0; e < E; e++) {
     const float *ge = g + e * gs_e;
-    outer_product(ge, gs_r, h + e * hs_e, hs_r, d + e * ds_e, ds_r, O, K, B, ht);
+    outer_product(ge, gs_r, h + e * hs_e, hs_r, d + e * ds_e, ds_r, O, K, B, acc);
     if (dh) product(w + e * ws_e, 1, ws_r, ge, gs_r, dh + e * dhs_e, dhs_r, C, O, B);
   }
-  free(ht);
+  free(acc);
   return 0;
 }

@@ -110,4 +110,4 @@ def backward(g: Tensor, h: Tensor, grad: Tensor, w: Tensor | None = None, dh: Te
     if library().backward(g.data_ptr(), g.stride(0), g.stride(1), h.data_ptr(), h.stride(0), h.stride(1),
                           grad.data_ptr(), grad.stride(0), grad.stride(1), w_ptr, w_e, w_r, dh_ptr, dh_e, dh_r,
                           E, units, K, C, B):
-        raise MemoryError(f"kernels.backward: no memory for a {B}-example transpose buffer")
+        raise MemoryError(f"kernels.backward: no memory for {units} sums")
