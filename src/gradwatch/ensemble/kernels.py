@@ -70,7 +70,7 @@ def library() -> ctypes.CDLL | None:
 def _native(*tensors: Tensor) -> bool:
     """Whether kernels.c takes these operands: float32 CPU tensors of 3 dims with contiguous rows, and it was built."""
     for t in tensors:
-        if t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 3 or t.stride(2) != 1:
+        if t.dtype is not torch.float32 or not t.is_cpu or t.dim() != 3 or t.stride(2) != 1:
             return False
     return library() is not None
 

@@ -49,12 +49,12 @@ class Stack:
                 net.redraw_(spec.model)
             else:
                 net, model = build(spec.model, n_in, n_out), spec.model
-            for name, module in net.named_modules():
-                if any(True for _ in module.parameters(recurse=False)):
-                    rows.setdefault(name, []).append(_row(module))
-            for name, b in net.named_buffers():
-                if b.is_floating_point():
-                    buffers.setdefault(name, []).append(b)
+                held = [(name, m) for name, m in net.named_modules() if any(True for _ in m.parameters(recurse=False))]
+                floats = [(name, b) for name, b in net.named_buffers() if b.is_floating_point()]
+            for name, module in held:
+                rows.setdefault(name, []).append(_row(module))
+            for name, b in floats:
+                buffers.setdefault(name, []).append(b)
         E, owners = len(specs), list(rows)
         self.depth, self.norm, self.n = net.depth, specs[0].model.norm, E
         rows = {name: torch.stack(r) for name, r in rows.items()}  # (E, n)
