@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from gradwatch.data import load  # noqa: E402
-from gradwatch.ensemble import train_many  # noqa: E402
+from gradwatch.ensemble import kernels, train_many  # noqa: E402
 from gradwatch.nets import ACTIVATIONS, OUTPUTS  # noqa: E402
 from gradwatch.spec import Spec  # noqa: E402
 from gradwatch.studies import criticality  # noqa: E402
@@ -188,7 +188,11 @@ def main() -> None:
     parser.add_argument("--no-keras", action="store_true", help="leave the Keras line out")
     parser.add_argument("--workload", choices=("seed", "criticality"), default="seed")
     parser.add_argument("--depth", type=int, default=22, help="the criticality grid's depth to time")
+    parser.add_argument("--torch-products", action="store_true",
+                        help="the stacked step's products through torch.bmm, not kernels.c (GRADWATCH_KERNELS=torch)")
     args = parser.parse_args()
+    if args.torch_products:  # before any process builds the library; the spawned workers inherit it
+        os.environ["GRADWATCH_KERNELS"] = "torch"
     _setup()
     pool = None
     if args.processes > 1:
@@ -210,7 +214,8 @@ def main() -> None:
     base = per_run["loop (baseline)"]
     what = f"seed experiment, {SEED.train.epochs} epochs" if args.workload == "seed" \
         else f"criticality grid at depth {args.depth}, 1 epoch"
-    print(f"\n{what}; torch {torch.__version__}, 1 torch thread per process, "
+    products = "kernels.c" if kernels.library() is not None else "torch.bmm"
+    print(f"\n{what}; torch {torch.__version__}, 1 torch thread per process, products by {products}, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; medians of {args.repeats}")
     print(f"{'line':<30}{'ms/run':>10}{'runs/s':>10}{'x loop':>9}")
     for name, _, _ in todo:
