@@ -156,7 +156,7 @@ def conclude(measured: dict[str, dict]) -> str:
             f"{name} ({m['init']} init, sigma_b^2 = {m['sigma_b2']}): for {m['fraction_within']:.0%} of the "
             f"{len(m['sigma_w2'])} sigma_w^2 values the deepest net that trains (test accuracy >= {TRAINED}) "
             f"lies between 3 and 12 depth scales (capped at the deepest tried, {max(m['depths'])}); the "
-            f"boundary sits at a median {ratio:.1f} xi (theory: about 6), and {short} values fall short of 3 xi, "
+            f"boundary sits at a median {ratio:.1f} xi (theory: about 6), and {short} {'value falls' if short == 1 else 'values fall'} short of 3 xi, "
             f"none trains deeper than {cap} layers in this budget; the sigma_w^2 that trains deepest, "
             f"{m['deepest_sigma_w2']:.2f}, is {gap:.2f} from the critical {m['critical_sigma_w2']:.2f} "
             f"({'within' if gap <= 0.25 else 'NOT within'} 0.25).")
