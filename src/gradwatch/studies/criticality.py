@@ -152,11 +152,12 @@ def conclude(measured: dict[str, dict]) -> str:
         ratio = statistics.median(d / x for d, x in pairs) if pairs else math.nan
         cap = max(m["deepest_trainable"], default=0)
         short = sum(d < min(3 * x, max(m["depths"])) for d, x in zip(m["deepest_trainable"], m["xi_c"], strict=True))
+        fall = "value falls" if short == 1 else "values fall"
         parts.append(
             f"{name} ({m['init']} init, sigma_b^2 = {m['sigma_b2']}): for {m['fraction_within']:.0%} of the "
             f"{len(m['sigma_w2'])} sigma_w^2 values the deepest net that trains (test accuracy >= {TRAINED}) "
             f"lies between 3 and 12 depth scales (capped at the deepest tried, {max(m['depths'])}); the "
-            f"boundary sits at a median {ratio:.1f} xi (theory: about 6), and {short} {'value falls' if short == 1 else 'values fall'} short of 3 xi, "
+            f"boundary sits at a median {ratio:.1f} xi (theory: about 6), and {short} {fall} short of 3 xi, "
             f"none trains deeper than {cap} layers in this budget; the sigma_w^2 that trains deepest, "
             f"{m['deepest_sigma_w2']:.2f}, is {gap:.2f} from the critical {m['critical_sigma_w2']:.2f} "
             f"({'within' if gap <= 0.25 else 'NOT within'} 0.25).")
