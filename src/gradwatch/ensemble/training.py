@@ -15,6 +15,7 @@ import math
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.func import vmap
 
@@ -212,10 +213,21 @@ class Ensemble:
     def predictions(self, x: Tensor, chunk: int = 256) -> Tensor:
         """Every member's pre-activations on the same inputs (N, F), in eval mode: (E, n_out, N).
 
-        In chunks of examples, so no activation outgrows the cache (and glibc's mmap threshold).
+        In chunks of examples, so no activation outgrows the cache (and glibc's mmap threshold). By
+        hand where the step is (no norm layers: train and eval mode agree), in chunks of a training
+        batch through the step's own buffers, the last one padded with zeros: half the time of
+        ``Stack.forward`` in chunks of 256 or 64 (107-127 against 149-325 ms for an evaluation and a
+        decision boundary of 512 seed nets).
         """
         xs = x.t()[None].expand(self.stack.n, -1, -1)  # (E, F, N), one copy shared by all members
-        return torch.cat([self.stack.forward(xs[:, :, i : i + chunk], train=False) for i in range(0, len(x), chunk)], 2)
+        if self.manual is None:
+            return torch.cat([self.stack.forward(xs[:, :, i : i + chunk], train=False)
+                              for i in range(0, len(x), chunk)], 2)
+        size, parts = self.train_spec.batch_size, []
+        for i in range(0, len(x), size):
+            part = xs[:, :, i : i + size]
+            parts.append(self.manual.forward(F.pad(part, (0, size - part.shape[2])))["z"][-1].clone())
+        return torch.cat(parts, 2)[:, :, : len(x)]
 
     @torch.no_grad()
     def _record_seed_measures(self) -> None:
