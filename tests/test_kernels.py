@@ -26,11 +26,11 @@ def test_products_equal_bmm(shape, road, monkeypatch):
     block = torch.randn(E, O, K + 1)  # [W | b]
     h, g = torch.randn(E, K + 1, B), torch.randn(E, O, B)
     z = torch.full((E, O, B), float("nan"))
-    kernels.matmul(block, h, z)
+    kernels.matmul(block, h, z)()
     torch.testing.assert_close(z, torch.bmm(block, h), rtol=1e-5, atol=1e-5)
 
     grad, dh = torch.full((E, O, K + 1), float("nan")), torch.full((E, K, B), float("nan"))
-    kernels.backward(g, h, grad, block, dh)
+    kernels.backward(g, h, grad, block, dh)()
     torch.testing.assert_close(grad, torch.bmm(g, h.transpose(1, 2)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dh, torch.bmm(block[:, :, :K].transpose(1, 2), g), rtol=1e-5, atol=1e-5)
 
@@ -49,9 +49,9 @@ def test_strided_operands_and_the_fallback_agree(monkeypatch):
     for lib in (kernels.library(), None):
         monkeypatch.setattr(kernels, "library", lambda lib=lib: lib)
         out.zero_()
-        kernels.matmul(block, h, out[:, 1 : O + 1])
+        kernels.matmul(block, h, out[:, 1 : O + 1])()
         grads, dh = torch.zeros(E, O, K + 1), torch.zeros(E, K, B)
-        kernels.backward(g, h, grads, block, dh)
+        kernels.backward(g, h, grads, block, dh)()
         results.append((out.clone(), grads, dh))
         assert out[:, 0].abs().sum() == 0 and out[:, O + 1 :].abs().sum() == 0
     for native, fallback in zip(*results, strict=True):
@@ -71,5 +71,5 @@ def test_non_finite_values_pass_through():
     h[0, 1, 5] = float("nan")
     h[1, 2, 7] = float("inf")
     z = torch.empty(2, 3, 16)
-    kernels.matmul(block, h, z)
+    kernels.matmul(block, h, z)()
     assert z[0, :, 5].isnan().all() and z[1, :, 7].isinf().all() and z.isfinite().sum() == 2 * 3 * 16 - 6

@@ -11,6 +11,8 @@ go through kernels.py, the small batched matmuls that are most of a step's time.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
@@ -57,9 +59,10 @@ class Manual:
         self.sets: dict[int, dict[str, list[Tensor]]] = {}
         self.acts = [(stack.fns[name], *ACTS[type(stack.fns[name]).__name__], part) for name, part in stack.groups]
 
-    def _buffers(self, size: int) -> dict[str, list[Tensor]]:
+    def _buffers(self, size: int) -> dict[str, list]:
         """Per layer l: input h (E, in + 1, B) with a row of ones, output z (E, out, B), activation a,
-        and the gradients dz (E, out, B) and dh (E, in, B)."""
+        and the gradients dz (E, out, B) and dh (E, in, B); dL/dz of the output layer ``g``; and each
+        layer's ``kernels`` calls on these buffers, its forward ``product`` and its ``backward``."""
         if size not in self.sets:
             E, blocks = self.stack.n, [self.stack.dense[n] for n in self.names]
             h = [torch.empty(E, b.shape[2], size) for b in blocks]
@@ -70,7 +73,21 @@ class Manual:
             a = [torch.empty_like(z[i]) if self._skips(i) else h[i + 1][:, :-1] for i in range(len(blocks) - 1)]
             dz = [torch.empty_like(t) for t in z[:-1]]
             dh = [torch.empty(E, b.shape[2] - 1, size) for b in blocks]
-            self.sets[size] = {"h": h, "z": z, "a": a, "dz": dz, "dh": dh}
+            g = torch.empty_like(z[-1])
+            grads = [self.stack.grads[name].view(b.shape) for name, b in zip(self.names, blocks, strict=True)]
+            starts = [*dz, g]  # layer i's backward starts from dL/dz of layer i
+            self.sets[size] = {
+                "h": h, "z": z, "a": a, "dz": dz, "dh": dh, "g": g,
+                "product": [kernels.matmul(b, h[i], z[i]) for i, b in enumerate(blocks)],  # [W | b] @ [h; 1]
+                # [dW | db] and, but for the first layer, dL/d(its input)
+                "backward": [kernels.backward(starts[i], h[i], grads[i], *((b, dh[i]) if i else ()))
+                             for i, b in enumerate(blocks)],
+                # per hidden layer, each activation group's forward into a and backward into dz
+                "activate": [[partial(forward, module, z[i][part], a[i][part])
+                              for module, forward, _, part in self.acts] for i in range(len(a))],
+                "derive": [[partial(backward, module, dh[i + 1][part], z[i][part], a[i][part], dz[i][part])
+                            for module, _, backward, part in self.acts] for i in range(len(a))],
+            }
         return self.sets[size]
 
     def _skips(self, i: int) -> bool:
@@ -81,14 +98,14 @@ class Manual:
     def forward(self, x: Tensor) -> dict[str, list[Tensor]]:
         """x (E, F, B) -> the buffers, the output's pre-activations in ``z[-1]``: (E, n_out, B)."""
         buf = self._buffers(x.shape[2])
-        h, z, a = buf["h"], buf["z"], buf["a"]
+        h, a = buf["h"], buf["a"]
         h[0][:, :-1].copy_(x)
-        for i, name in enumerate(self.names):
-            kernels.matmul(self.stack.dense[name], h[i], z[i])  # [W | b] @ [h; 1] = W h + b
+        for i, product in enumerate(buf["product"]):
+            product()  # z = [W | b] @ [h; 1] = W h + b
             if i == len(a):
                 break
-            for module, forward, _, part in self.acts:
-                forward(module, z[i][part], a[i][part])
+            for activate in buf["activate"][i]:
+                activate()
             if self._skips(i):
                 torch.add(h[i][:, :-1], a[i], out=h[i + 1][:, :-1])
                 if self.stack.residual is not True:  # members differ: (E, 1, 1) mask
@@ -97,20 +114,18 @@ class Manual:
 
     def backward(self, buf: dict[str, list[Tensor]], grad_out: Tensor) -> None:
         """From dL/dz of the output layer (E, n_out, B), every layer's [dW | db] into ``stack.grads``."""
-        h, z, a, dz, dh = (buf[k] for k in ("h", "z", "a", "dz", "dh"))
-        g, carry = grad_out, None
+        dh = buf["dh"]
+        buf["g"].copy_(grad_out)
+        carry = None
         for i in range(len(self.names) - 1, -1, -1):
-            block = self.stack.dense[self.names[i]]
-            grad = self.stack.grads[self.names[i]].view(block.shape)
-            kernels.backward(g, h[i], grad, *((block, dh[i]) if i else ()))  # [dW | db], dL/d(input) but for the first
+            buf["backward"][i]()
             if i == 0:
                 break
             if carry is not None:
                 dh[i].add_(carry)
             carry = self._carry(i - 1, dh[i])
-            for module, _, backward, part in self.acts:
-                backward(module, dh[i][part], z[i - 1][part], a[i - 1][part], dz[i - 1][part])
-            g = dz[i - 1]
+            for derive in buf["derive"][i - 1]:
+                derive()
 
     def _carry(self, i: int, grad: Tensor) -> Tensor | None:
         """The gradient a skip connection of block i + 1 passes straight to that block's input."""

@@ -25,6 +25,7 @@ import os
 import platform
 import subprocess
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -75,23 +76,31 @@ def _native(*tensors: Tensor) -> bool:
     return library() is not None
 
 
-def matmul(w: Tensor, x: Tensor, out: Tensor) -> None:
-    """``out[e] = w[e] @ x[e]``: w (E, R, C) in any strides, x (E, C, B), out (E, R, B)."""
+def matmul(w: Tensor, x: Tensor, out: Tensor) -> Callable[[], None]:
+    """A call that sets ``out[e] = w[e] @ x[e]`` each time it is made: w (E, R, C) in any strides,
+    x (E, C, B), out (E, R, B). The operands are checked and their addresses read once, for a step
+    that reuses its buffers (~1 us a call instead of ~10); the call keeps them alive."""
     E, R, C = w.shape
     if x.shape[:2] != (E, C) or out.shape != (E, R, x.shape[2]):
         raise ValueError(f"kernels.matmul: shapes {tuple(w.shape)} @ {tuple(x.shape)} -> {tuple(out.shape)}")
     if not _native(w, x, out):
-        torch.bmm(w, x, out=out)
-        return
-    library().matmul(w.data_ptr(), *w.stride(), x.data_ptr(), x.stride(0), x.stride(1), out.data_ptr(),
-                     out.stride(0), out.stride(1), E, R, C, x.shape[2])
+        return functools.partial(torch.bmm, w, x, out=out)
+    run, args = library().matmul, (w.data_ptr(), *w.stride(), x.data_ptr(), x.stride(0), x.stride(1),
+                                   out.data_ptr(), out.stride(0), out.stride(1), E, R, C, x.shape[2])
+
+    def call(operands=(w, x, out)) -> None:
+        run(*args)
+
+    return call
 
 
-def backward(g: Tensor, h: Tensor, grad: Tensor, w: Tensor | None = None, dh: Tensor | None = None) -> None:
-    """A Dense layer's backward from g = dL/dz (E, O, B): ``grad[e] = g[e] @ h[e].T``, the gradient of
-    [W | b] (E, O, K) from the input with its row of ones h (E, K, B), and, given the layer's [W | b]
-    block ``w`` (E, O, >= C), ``dh[e] = w[e, :, :C].T @ g[e]`` (E, C, B), the input's gradient. One
-    pass over g for both, where kernels.c runs them."""
+def backward(g: Tensor, h: Tensor, grad: Tensor, w: Tensor | None = None,
+             dh: Tensor | None = None) -> Callable[[], None]:
+    """A call that runs a Dense layer's backward from g = dL/dz (E, O, B) each time it is made:
+    ``grad[e] = g[e] @ h[e].T``, the gradient of [W | b] (E, O, K) from the input with its row of
+    ones h (E, K, B), and, given the layer's [W | b] block ``w`` (E, O, >= C), ``dh[e] = w[e, :, :C].T
+    @ g[e]`` (E, C, B), the input's gradient; one pass over g for both where kernels.c runs them.
+    Checked once, as ``matmul``."""
     E, units, B = g.shape
     K = grad.shape[2]
     if h.shape != (E, K, B) or grad.shape[:2] != (E, units) or (dh is not None and (
@@ -99,15 +108,24 @@ def backward(g: Tensor, h: Tensor, grad: Tensor, w: Tensor | None = None, dh: Te
         raise ValueError(f"kernels.backward: shapes g {tuple(g.shape)}, h {tuple(h.shape)}, grad {tuple(grad.shape)}")
     C = 0 if dh is None else dh.shape[1]
     if not _native(g, h, grad, *((w, dh) if dh is not None else ())):
-        grad.copy_(torch.bmm(g, h.transpose(1, 2)))
-        if dh is not None:
-            # from one output unit an outer product, which MKL's batched GEMM ran 20x slower than a
-            # broadcast multiply (440 vs 20 us at E=512, B=32), the same numbers
-            (torch.mul if units == 1 else torch.bmm)(w[:, :, :C].transpose(1, 2), g, out=dh)
-        return
+        # from one output unit an outer product, which MKL's batched GEMM ran 20x slower than a
+        # broadcast multiply (440 vs 20 us at E=512, B=32), the same numbers
+        inputs = (torch.mul if units == 1 else torch.bmm, w[:, :, :C].transpose(1, 2)) if dh is not None else None
+
+        def by_torch() -> None:
+            grad.copy_(torch.bmm(g, h.transpose(1, 2)))
+            if inputs is not None:
+                inputs[0](inputs[1], g, out=dh)
+
+        return by_torch
     w_ptr, w_e, w_r, dh_ptr, dh_e, dh_r = (w.data_ptr(), w.stride(0), w.stride(1), dh.data_ptr(), dh.stride(0),
                                            dh.stride(1)) if dh is not None else (None, 0, 0, None, 0, 0)
-    if library().backward(g.data_ptr(), g.stride(0), g.stride(1), h.data_ptr(), h.stride(0), h.stride(1),
-                          grad.data_ptr(), grad.stride(0), grad.stride(1), w_ptr, w_e, w_r, dh_ptr, dh_e, dh_r,
-                          E, units, K, C, B):
-        raise MemoryError(f"kernels.backward: no memory for {units} sums")
+    run, args = library().backward, (g.data_ptr(), g.stride(0), g.stride(1), h.data_ptr(), h.stride(0), h.stride(1),
+                                     grad.data_ptr(), grad.stride(0), grad.stride(1), w_ptr, w_e, w_r, dh_ptr, dh_e,
+                                     dh_r, E, units, K, C, B)
+
+    def call(operands=(g, h, grad, w, dh)) -> None:
+        if run(*args):
+            raise MemoryError(f"kernels.backward: no memory for {units} sums")
+
+    return call
