@@ -10,7 +10,7 @@ products run in one pass over its gradient, which a step otherwise streams from 
 It is compiled once per machine with the system's C compiler (``$CC``, else ``cc``; 0.3 s) into the
 user's cache, as ``torch.utils.cpp_extension.load`` builds extensions on first use, and called
 through ctypes (~2 us a call). Where no compiler works, or with ``GRADWATCH_KERNELS=torch``, every
-function here falls back to ``torch.bmm``, which computes the same numbers to float rounding, slower.
+call made here is ``torch.bmm``'s, which computes the same numbers to float rounding, slower.
 What torch ships was tried first: ``torch.compile`` of the same products (as broadcast multiply and
 sum, which inductor turns into similar loops) ran them about as fast, but cost 20-25 us of Python
 per call and 9 s (cached) to 29 s of compiling per step shape, more than a whole 512-member ensemble.
@@ -88,7 +88,7 @@ def matmul(w: Tensor, x: Tensor, out: Tensor) -> Callable[[], None]:
     run, args = library().matmul, (w.data_ptr(), *w.stride(), x.data_ptr(), x.stride(0), x.stride(1),
                                    out.data_ptr(), out.stride(0), out.stride(1), E, R, C, x.shape[2])
 
-    def call(operands=(w, x, out)) -> None:
+    def call(operands=(w, x, out)) -> None:  # the operands ride along: args holds only their addresses
         run(*args)
 
     return call
