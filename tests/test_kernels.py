@@ -73,3 +73,19 @@ def test_non_finite_values_pass_through():
     z = torch.empty(2, 3, 16)
     kernels.matmul(block, h, z)()
     assert z[0, :, 5].isnan().all() and z[1, :, 7].isinf().all() and z.isfinite().sum() == 2 * 3 * 16 - 6
+
+
+def test_a_machine_without_a_compiler_trains_through_torch(monkeypatch, tmp_path):
+    """No compiler (or a broken one): one warning naming why, then the same numbers through torch.bmm."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kernels.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="kernels.c not built .*no-such-cc"):
+            assert kernels.library() is None
+        block, h = torch.randn(3, 4, 6), torch.randn(3, 6, 16)
+        z = torch.empty(3, 4, 16)
+        kernels.matmul(block, h, z)()
+        torch.testing.assert_close(z, torch.bmm(block, h))
+    finally:
+        kernels.library.cache_clear()

@@ -47,8 +47,8 @@ def library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC", "cc")
     key = hashlib.sha256(b"\0".join(s.encode() for s in (compiler, *FLAGS, platform.node(), platform.machine()))
                          + SOURCE.read_bytes()).hexdigest()[:16]
-    path = _cache() / f"kernels-{key}.so"
     try:
+        path = _cache() / f"kernels-{key}.so"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             part = path.with_suffix(f".{os.getpid()}.part")  # then renamed: a parallel worker never loads half a file
@@ -56,9 +56,10 @@ def library() -> ctypes.CDLL | None:
                            timeout=120)
             os.replace(part, path)
         lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as error:
-        warnings.warn(f"gradwatch: kernels.c not built ({error}); stacked ensembles use torch.bmm, about 1.4x slower",
-                      RuntimeWarning, stacklevel=2)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # RuntimeError: no home directory
+        said = (getattr(error, "stderr", None) or b"").decode(errors="replace").strip().splitlines()
+        warnings.warn(f"gradwatch: kernels.c not built ({error}{': ' + said[0] if said else ''}); stacked "
+                      f"ensembles use torch.bmm, about 1.4x slower", RuntimeWarning, stacklevel=2)
         return None
     P, N = ctypes.c_void_p, ctypes.c_int64
     lib.matmul.argtypes = [P, N, N, N, P, N, N, P, N, N, N, N, N, N]
