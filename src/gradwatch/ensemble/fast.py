@@ -56,7 +56,7 @@ class Manual:
     def __init__(self, stack: Stack, n_in: int):
         self.stack, self.n_in = stack, n_in
         self.names = list(stack.dense)  # dense1 .. denseL, out
-        self.sets: dict[int, dict[str, list[Tensor]]] = {}
+        self.sets: dict[int, dict[str, list]] = {}  # batch size -> buffers and the calls bound to them
         self.acts = [(stack.fns[name], *ACTS[type(stack.fns[name]).__name__], part) for name, part in stack.groups]
 
     def _buffers(self, size: int) -> dict[str, list]:
