@@ -14,9 +14,9 @@ import statistics
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import compress, islice, repeat
 
 COLUMNS = ("step", "epoch", "layer", "stat", "value")
 
@@ -25,10 +25,45 @@ class Records:
     """Append-only rows, optionally bounded to the last ``maxlen`` (a long watch stays small)."""
 
     def __init__(self, rows: Iterable[tuple] = (), maxlen: int | None = None):
-        self.rows: deque[tuple[int, int, str, str, float]] = deque(rows, maxlen=maxlen)
+        self._rows: deque[tuple[int, int, str, str, float]] = deque(rows, maxlen=maxlen)
+        self._columns: tuple[tuple[Sequence, ...], int, Sequence[bool] | None] | None = None
+
+    @classmethod
+    def zipped(cls, columns: tuple[Sequence, ...], stop: int, keep: Sequence[bool] | None = None) -> Records:
+        """Records whose rows are ``zip(*columns)`` up to ``stop`` (those with a true ``keep``), made as
+        tuples only when ``rows`` is first read; iterating or pickling them reads the columns.
+
+        Why: a stacked ensemble of 512 seed runs holds 4.7M rows, whose step, epoch, layer and stat
+        columns all its members share; making them as tuples up front (and the garbage collector's
+        pass over them) took a sixth of its time, and a sweep only iterates them into the store.
+        Arrow's tables keep columns for the same reason; the rows they stand for are the contract.
+        """
+        records = cls()
+        records._columns = (columns, stop, keep)
+        return records
+
+    @property
+    def rows(self) -> deque[tuple[int, int, str, str, float]]:
+        """The rows as a deque of tuples, made once from the columns of ``zipped`` Records."""
+        if self._columns is not None:
+            self._rows.extend(self._zip())
+            self._columns = None
+        return self._rows
+
+    def _zip(self) -> Iterator[tuple]:
+        columns, stop, keep = self._columns
+        rows = islice(zip(*columns, strict=True), stop)
+        return rows if keep is None else compress(rows, keep)
+
+    def __iter__(self) -> Iterator[tuple[int, int, str, str, float]]:
+        """The rows in order, without making them all at once from a ``zipped`` Records' columns."""
+        return iter(self._rows) if self._columns is None else self._zip()
 
     def __len__(self) -> int:
-        return len(self.rows)
+        if self._columns is None:
+            return len(self._rows)
+        _, stop, keep = self._columns
+        return stop if keep is None else sum(islice(keep, stop))
 
     def add(self, step: int, epoch: int, stat: str, values: dict[str, float]) -> None:
         """One row per layer of ``values`` (layer -> value) for ``stat`` at ``step``/``epoch``."""

@@ -98,7 +98,7 @@ class Store:
 
     def put_run(self, run: Run) -> str:
         """Write ``run`` with all its records atomically; returns its id."""
-        rows = ((run.id, s, e, layer, stat, None if math.isnan(v) else v) for s, e, layer, stat, v in run.records.rows)
+        rows = ((run.id, s, e, layer, stat, None if math.isnan(v) else v) for s, e, layer, stat, v in run.records)
         scalars, arrays = split_summary(run.summary)
         with self._transaction():
             self._db.execute(

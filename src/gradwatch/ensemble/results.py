@@ -1,17 +1,14 @@
 """A trained Ensemble's members as Runs: Records, their ``summarize``, the decision boundary.
 
-Every value crosses to the host in one ``tolist`` per tensor; rows are assembled by ``zip`` over
-columns shared by all members (the (step, epoch, layer, stat) of each row), so building a member's
-Records costs a C loop, not a Python one per row, and its summary reads the rows ``summary.picks``
-found once for all members that trained as long.
+Every value crosses to the host in one ``tolist`` per tensor; a member's Records are its values beside
+columns all members share (the (step, epoch, layer, stat) of each row, ``Records.zipped``), whose rows
+are made only when read, and its summary reads the rows ``summary.picks`` found once for all members
+that trained as long.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import itertools
-from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -26,13 +23,11 @@ from gradwatch.summary import Picks, picks, summarize_picked
 def runs(ens: Ensemble, names: list[str], group: str) -> list[Run]:
     """One Run per member, in the ensemble's (activation-sorted) order."""
     ens.restore()
-    with _collector_paused():
-        members = _records(ens)
-        summaries = _summaries(ens, members)
-        return [Run(records=r, spec=spec.model_dump(mode="json"), summary=s, status=status, name=name,
-                    group=group, key=spec.key())
-                for (r, _, _), s, spec, status, name in zip(members, summaries, ens.specs, ens.status, names,
-                                                            strict=True)]
+    members = _records(ens)
+    summaries = _summaries(ens, members)
+    return [Run(records=r, spec=spec.model_dump(mode="json"), summary=s, status=status, name=name,
+                group=group, key=spec.key())
+            for (r, _, _), s, spec, status, name in zip(members, summaries, ens.specs, ens.status, names, strict=True)]
 
 
 def _records(ens: Ensemble) -> list[tuple[Records, Picks, list[float]]]:
@@ -59,36 +54,21 @@ def _records(ens: Ensemble) -> list[tuple[Records, Picks, list[float]]]:
             cut = cuts[ens.last_epoch[member]]
             if cut not in picked:
                 picked[cut] = picks(itertools.islice(zip(steps, epochs, layers, stats, strict=True), cut))
-            kept = itertools.islice(zip(steps, epochs, layers, stats, rows[j], strict=True), cut)
-            out.append((Records(_clipped_only(kept, rows[j], clips)), picked[cut], rows[j]))
+            columns = (steps, epochs, layers, stats, rows[j])
+            out.append((Records.zipped(columns, cut, _clipped_only(rows[j], clips)), picked[cut], rows[j]))
     return out
 
 
-@contextlib.contextmanager
-def _collector_paused():
-    """Python's cyclic garbage collector off while millions of row tuples are made (4.7M for 512 seed
-    runs): each of its passes would walk them all, a third of building the Records (1.5 s against 1.0 s
-    at E=512). Tuples hold no cycles; Mercurial's ``util.nogc`` does the same for its big containers."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
-def _clipped_only(rows: Iterable, values: list[float], clips: list[tuple[int, int]]) -> Iterable:
-    """``rows`` without the ``clip`` blocks (value spans) in which this member's clipping changed nothing,
-    as the watcher records them (``stats.clipped``)."""
+def _clipped_only(values: list[float], clips: list[tuple[int, int]]) -> list[bool] | None:
+    """Which rows to keep: all (None) but the ``clip`` blocks (value spans) in which this member's
+    clipping changed nothing, as the watcher records them (``stats.clipped``)."""
     drop = [(a, b) for a, b in clips if not clipped(values[a:b])]
     if not drop:
-        return rows
+        return None
     keep = [True] * len(values)
     for a, b in drop:
         keep[a:b] = [False] * (b - a)
-    return itertools.compress(rows, keep)
+    return keep
 
 
 @torch.no_grad()
