@@ -129,3 +129,22 @@ def test_hand_written_activation_fills_a_strided_buffer_as_its_module(name):
     z, h = torch.randn(8, 10, 32), torch.ones(8, 11, 32)
     fast.ACTS[type(module).__name__][0](module, z, h[:, :-1])
     assert torch.allclose(h[:, :-1], module(z), atol=1e-6)
+
+
+def test_a_whole_step_in_kernels_c_trains_the_same_bits_as_the_step_layer_by_layer():
+    """kernels.step (member after member, forward, loss gradient and backward in one call) against the
+    layer by layer step of the same members: sigmoid and ReLU members, a last batch of another size."""
+    from gradwatch.ensemble.training import Ensemble
+
+    specs = [TINY.replace(**{"train.seed": s, "train.epochs": 4, "model.activation": a, "model.width": 10})
+             for s, a in enumerate(["sigmoid", "sigmoid", "relu", "relu"])]
+    flats = []
+    for whole in (True, False):
+        ens = Ensemble(specs, every=3)
+        ens.whole_step = ens.whole_step and whole
+        while not ens.done:
+            ens.epoch()
+        flats.append(ens.stack.flat)
+        assert bool(ens.manual.steps) == whole and all(call is not None for _, call in ens.manual.steps.values())
+    assert len(ens.manual.sets) == 2  # batches of 16 and of the rest
+    assert torch.equal(*flats)

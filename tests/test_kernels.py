@@ -89,3 +89,40 @@ def test_a_machine_without_a_compiler_trains_through_torch(monkeypatch, tmp_path
         torch.testing.assert_close(z, torch.bmm(block, h))
     finally:
         kernels.library.cache_clear()
+
+
+@pytest.mark.parametrize("road", ["c", "torch"])
+def test_activations_and_derivatives_equal_atens_to_the_bit(road, monkeypatch):
+    """A product's sigmoid or ReLU, and a backward's derivative, equal torch.sigmoid, clamp_min and aten's
+    sigmoid/tanh/threshold backward bit for bit, per member's code (0: left alone), on pre-activations
+    from about -300 to 300 (past exp's limits), with a tail of 5 examples, NaN and +-Inf. torch.sigmoid
+    is taken on a whole number of its vectors: aten computes the last numel % 32 elements of a call
+    with the C library's exp, which can differ in the last bit from its vector loop (and kernels.c)."""
+    if road == "torch":
+        monkeypatch.setattr(kernels, "library", lambda: None)
+    E, R, C, B = 8, 10, 11, 37
+    torch.manual_seed(2)
+    block, h, g = torch.randn(E, R, C) * 40, torch.randn(E, C, B), torch.randn(E, R, B)
+    h[1, 3, 4], block[2, 5, 0] = float("nan"), float("inf")  # a NaN column in member 1, +-Inf in member 2
+    codes = torch.tensor([1, 1, 1, 3, 3, 0, 0, 1], dtype=torch.int8)
+    z, a = torch.empty(E, R, B), torch.full((E, R, B), 7.0)
+    kernels.matmul(block, h, z, a, codes)()
+    assert z.isnan().any() and z.isinf().any() and (z.abs() > 104).any()
+    for e, code in enumerate(codes.tolist()):
+        vectors = torch.sigmoid(torch.nn.functional.pad(z[e].flatten(), (0, 32 - z[e].numel() % 32)))
+        expected = {1: vectors[: z[e].numel()].view(R, B), 3: torch.clamp_min(z[e], 0),
+                    0: torch.full_like(z[e], 7.0)}[code]
+        assert torch.equal(a[e].nan_to_num(-9), expected.nan_to_num(-9)), e
+
+    outputs = {1: torch.sigmoid, 2: torch.tanh, 3: torch.relu}
+    codes = torch.tensor([1, 2, 2, 3, 3, 0, 1, 2], dtype=torch.int8)
+    below = torch.randn(E, C - 1, B) * 3
+    a = torch.stack([outputs.get(c, torch.relu)(below[e]) for e, c in enumerate(codes.tolist())])
+    w, hk, grad = torch.randn(E, R, C), torch.randn(E, C, B), torch.empty(E, R, C)
+    plain, fused = torch.empty(E, C - 1, B), torch.empty(E, C - 1, B)
+    kernels.backward(g, hk, grad, w, plain)()
+    kernels.backward(g, hk, grad, w, fused, a, codes)()
+    derivatives = {1: torch.ops.aten.sigmoid_backward, 2: torch.ops.aten.tanh_backward,
+                   3: lambda d, y: torch.ops.aten.threshold_backward(d, y, 0), 0: lambda d, y: d}
+    for e, code in enumerate(codes.tolist()):
+        assert torch.equal(fused[e], derivatives[code](plain[e], a[e])), e

@@ -7,6 +7,7 @@
 
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -64,8 +65,20 @@ static inline void transpose16(v16 *r) {
   }
 }
 
+/* the first n lanes of a row (the rest zero) */
+static inline v16 take(const float *row, i64 n) {
+  if (n == 16) return *(const v16 *)row;
+  v16 v = {0};
+  for (i64 l = 0; l < n; l++) v[l] = row[l];
+  return v;
+}
+
 /* the first n lanes of v at out: one masked store where the CPU has them */
 static inline void put(float *out, v16 v, i64 n) {
+  if (n == 16) {
+    *(v16 *)out = v;
+    return;
+  }
 #ifdef __AVX512F__
   _mm512_mask_storeu_ps(out, (__mmask16)((1u << n) - 1), (__m512)v);
 #else
@@ -85,15 +98,7 @@ static void outer_product(const float *g, i64 gs_r, const float *h, i64 hs_r, fl
     for (i64 b = 0; b < B; b += 16) {
       i64 n = B - b < 16 ? B - b : 16;
       v16 r[16];
-      for (int j = 0; j < 16; j++) {
-        const float *row = h + (k + j) * hs_r + b;
-        if (j >= rows)
-          r[j] = (v16){0};
-        else if (n == 16)
-          r[j] = *(const v16 *)row;
-        else
-          for (int l = 0; l < 16; l++) r[j][l] = l < n ? row[l] : 0.f;
-      }
+      for (int j = 0; j < 16; j++) r[j] = j < rows ? take(h + (k + j) * hs_r + b, n) : (v16){0};
       transpose16(r); /* r[l] = h[k .. k + 15, b + l] */
       for (i64 o = 0; o < O; o++) {
         const float *go = g + o * gs_r + b;
@@ -106,26 +111,144 @@ static void outer_product(const float *g, i64 gs_r, const float *h, i64 hs_r, fl
   }
 }
 
-/* y[e] = w[e] x[e] for every member: w (E, R, C) through strides (ws_e, ws_r, ws_c); x (E, C, B), y (E, R, B) */
+enum { SIGMOID = 1, TANH = 2, RELU = 3 }; /* kernels.ACTIVATIONS and kernels.DERIVATIVES */
+
+/* 1 / (exp(-z) + 1) with exp as SLEEF's expf_u10 computes it (its reduction by ln 2 in two parts,
+   its polynomial, its fused multiply-adds and its limits), the function torch's vectorized float
+   exp calls: torch.sigmoid's numbers to the bit (tests/test_kernels.py). Scalar code, which the
+   compiler turns into vector code; written on vector types it ran 5x slower */
+static inline float sigmoid(float z) {
+  float d = -z, s, u;
+  int32_t q = (int32_t)__builtin_rintf(d * 1.442695040888963407359924681001892137426645954152985934135449406931f);
+  int32_t half = q >> 1, lo = (half + 0x7f) << 23, hi = (q - half + 0x7f) << 23;
+  float scale_lo, scale_hi;
+  memcpy(&scale_lo, &lo, 4);
+  memcpy(&scale_hi, &hi, 4);
+  s = __builtin_fmaf((float)q, -0.693145751953125f, d);
+  s = __builtin_fmaf((float)q, -1.428606765330187045e-06f, s);
+  u = 0.000198527617612853646278381f;
+  u = __builtin_fmaf(u, s, 0.00139304355252534151077271f);
+  u = __builtin_fmaf(u, s, 0.00833336077630519866943359f);
+  u = __builtin_fmaf(u, s, 0.0416664853692054748535156f);
+  u = __builtin_fmaf(u, s, 0.166666671633720397949219f);
+  u = __builtin_fmaf(u, s, 0.5f);
+  u = 1.0f + __builtin_fmaf(s * s, u, s);
+  u = u * scale_lo * scale_hi;
+  u = d < -104.f ? 0.f : u;
+  u = 100.f < d ? __builtin_inff() : u;
+  return 1.0f / (u + 1.0f);
+}
+
+/* a (R, B) = f(z), as aten's vectorized sigmoid and relu (clamp_min(z, 0): a max with z second, so
+   NaN and -0 pass) compute it */
+static void activate(const float *z, i64 zs_r, float *a, i64 as_r, i64 R, i64 B, int8_t kind) {
+  for (i64 r = 0; r < R; r++) {
+    const float *zr = z + r * zs_r;
+    float *ar = a + r * as_r;
+    if (kind == SIGMOID)
+      for (i64 b = 0; b < B; b++) ar[b] = sigmoid(zr[b]);
+    else if (kind == RELU)
+      for (i64 b = 0; b < B; b++) ar[b] = 0.f > zr[b] ? 0.f : zr[b];
+  }
+}
+
+/* d (R, B) *= f'(z), from the activation a = f(z) (R, B), as aten's sigmoid_backward, tanh_backward
+   and threshold_backward compute it: the same operations in the same order (tanh's 1 - a^2 one fused
+   multiply-add, as aten's AVX-512 kernel rounds it), so the same numbers */
+static void derive(float *d, i64 ds_r, const float *a, i64 as_r, i64 R, i64 B, int8_t kind) {
+  for (i64 r = 0; r < R; r++) {
+    float *dr = d + r * ds_r;
+    const float *ar = a + r * as_r;
+    if (kind == SIGMOID)
+      for (i64 b = 0; b < B; b++) dr[b] = dr[b] * (1.f - ar[b]) * ar[b];
+    else if (kind == TANH)
+      for (i64 b = 0; b < B; b++) dr[b] = dr[b] * __builtin_fmaf(-ar[b], ar[b], 1.f);
+    else if (kind == RELU)
+      for (i64 b = 0; b < B; b++) dr[b] = ar[b] <= 0.f ? 0.f : dr[b];
+  }
+}
+
+/* y[e] = w[e] x[e] for every member: w (E, R, C) through strides (ws_e, ws_r, ws_c); x (E, C, B), y (E, R, B);
+   and a[e] = f(y[e]) (E, R, B) where kinds[e] names an activation f (kinds NULL: none) */
 void matmul(const float *w, i64 ws_e, i64 ws_r, i64 ws_c, const float *x, i64 xs_e, i64 xs_r, float *y, i64 ys_e,
-            i64 ys_r, i64 E, i64 R, i64 C, i64 B) {
-  for (i64 e = 0; e < E; e++) product(w + e * ws_e, ws_r, ws_c, x + e * xs_e, xs_r, y + e * ys_e, ys_r, R, C, B);
+            i64 ys_r, float *a, i64 as_e, i64 as_r, const int8_t *kinds, i64 E, i64 R, i64 C, i64 B) {
+  for (i64 e = 0; e < E; e++) {
+    product(w + e * ws_e, ws_r, ws_c, x + e * xs_e, xs_r, y + e * ys_e, ys_r, R, C, B);
+    if (kinds && kinds[e]) activate(y + e * ys_e, ys_r, a + e * as_e, as_r, R, B, kinds[e]);
+  }
 }
 
 /* A Dense layer's backward for every member, g (E, O, B) read once while it is in cache:
    d[e] = g[e] h[e]^T (d (E, O, K), h (E, K, B): the weight gradient) and, unless dh is NULL,
-   dh[e] = w[e]^T g[e] (w (E, O, C) with rows ws_r apart, dh (E, C, B): the input's gradient).
-   Returns 1 where its buffer of sums cannot be allocated, else 0 */
+   dh[e] = w[e]^T g[e] (w (E, O, C) with rows ws_r apart, dh (E, C, B): the input's gradient), times
+   f'(z) where kinds[e] names the activation f whose output a[e] (E, C, B) was that input (kinds NULL:
+   none). Returns 1 where its buffer of sums cannot be allocated, else 0 */
 int backward(const float *g, i64 gs_e, i64 gs_r, const float *h, i64 hs_e, i64 hs_r, float *d, i64 ds_e, i64 ds_r,
-             const float *w, i64 ws_e, i64 ws_r, float *dh, i64 dhs_e, i64 dhs_r, i64 E, i64 O, i64 K, i64 C,
-             i64 B) {
+             const float *w, i64 ws_e, i64 ws_r, float *dh, i64 dhs_e, i64 dhs_r, const float *a, i64 as_e,
+             i64 as_r, const int8_t *kinds, i64 E, i64 O, i64 K, i64 C, i64 B) {
   v16 *acc = malloc(O * sizeof(v16));
   if (!acc) return 1;
   for (i64 e = 0; e < E; e++) {
     const float *ge = g + e * gs_e;
     outer_product(ge, gs_r, h + e * hs_e, hs_r, d + e * ds_e, ds_r, O, K, B, acc);
     if (dh) product(w + e * ws_e, 1, ws_r, ge, gs_r, dh + e * dhs_e, dhs_r, C, O, B);
+    if (dh && kinds && kinds[e]) derive(dh + e * dhs_e, dhs_r, a + e * as_e, as_r, C, B, kinds[e]);
   }
+  free(acc);
+  return 0;
+}
+
+/* A whole training step of every member of a plain MLP (Dense layers 0..L, layer l with units[l]
+   outputs and k[l] inputs plus the bias column; one activation per member, kinds[e], that both
+   tables above have) under a sigmoid output with binary cross-entropy, member after member, so
+   that each member's activations and gradients stay in cache instead of streaming every layer's
+   buffers for all members through memory twice. For member e: the forward from x[e] (k[0], B),
+   the output's pre-activations into out[e] (1, B), dL/dz = (sigmoid(z) - y[e]) scale[e] (as
+   autograd computes BCE-with-logits' gradient under a mean scaled by scale[e]), and every layer's
+   [dW | db] into d[l][e]; w[l] and d[l] (E, units[l], k[l] + 1) through strides (ws_e, ws_r).
+   Returns 1 where its scratch cannot be allocated, else 0 */
+int step(i64 L, const float *const *w, const i64 *ws_e, const i64 *ws_r, float *const *d, const i64 *ds_e,
+         const i64 *ds_r, const i64 *units, const i64 *k, const float *x, i64 xs_e, i64 xs_r, const float *y,
+         i64 ys_e, const float *scale, float *out, i64 outs_e, const int8_t *kinds, i64 E, i64 B) {
+  i64 rows = 0, widest = 1;
+  for (i64 l = 0; l <= L; l++) {
+    rows += k[l] + 1;
+    widest = units[l] > widest ? units[l] : widest;
+    widest = k[l] > widest ? k[l] : widest;
+  }
+  float *h = malloc((rows + 3 * widest) * B * sizeof(float)); /* each layer's input [h; 1], z, two gradients */
+  v16 *acc = malloc(widest * sizeof(v16));
+  if (!h || !acc) {
+    free(h);
+    free(acc);
+    return 1;
+  }
+  float *z = h + rows * B, *g = z + widest * B, *below = g + widest * B, *hl[L + 1];
+  for (i64 l = 0, at = 0; l <= L; at += (k[l] + 1) * B, l++) {
+    hl[l] = h + at;
+    for (i64 b = 0; b < B; b++) hl[l][k[l] * B + b] = 1.f;
+  }
+  for (i64 e = 0; e < E; e++) {
+    for (i64 c = 0; c < k[0]; c++)
+      for (i64 b = 0; b < B; b++) hl[0][c * B + b] = x[e * xs_e + c * xs_r + b];
+    for (i64 l = 0; l < L; l++) {
+      product(w[l] + e * ws_e[l], ws_r[l], 1, hl[l], B, z, B, units[l], k[l] + 1, B);
+      activate(z, B, hl[l + 1], B, units[l], B, kinds[e]);
+    }
+    float *zout = out + e * outs_e;
+    product(w[L] + e * ws_e[L], ws_r[L], 1, hl[L], B, zout, B, 1, k[L] + 1, B);
+    for (i64 b = 0; b < B; b++) g[b] = (sigmoid(zout[b]) - y[e * ys_e + b]) * scale[e];
+    for (i64 l = L; l >= 0; l--) {
+      outer_product(g, B, hl[l], B, d[l] + e * ds_e[l], ds_r[l], units[l], k[l] + 1, B, acc);
+      if (l == 0) break;
+      product(w[l] + e * ws_e[l], 1, ws_r[l], g, B, below, B, k[l], units[l], B);
+      derive(below, B, hl[l], B, k[l], B, kinds[e]);
+      float *t = g;
+      g = below;
+      below = t;
+    }
+  }
+  free(h);
   free(acc);
   return 0;
 }

@@ -55,6 +55,8 @@ class Ensemble:
         E, stack = len(specs), self.stack
         self.manual = Manual(stack, self.data.x_train.shape[1]) if supports(stack) else None  # else autograd
         self.loss_fn, self.predict = OUTPUTS[spec.model.output_activation]
+        self.whole_step = (self.manual is not None and self.manual.whole and spec.model.output_activation == "sigmoid"
+                           and self.data.n_outputs == 1)
         self.member_loss = partial(member_loss, self.loss_fn)  # z, y -> (E,)
         self.shared_loss = vmap(self.loss_fn, in_dims=(0, None))
         self.x = self.data.x_train.t().contiguous()  # (F, N)
@@ -153,7 +155,12 @@ class Ensemble:
         return loss, taps, {name: taps[name].grad for name in self.signal} if sampled else {}
 
     def _by_hand(self, x: Tensor, y: Tensor, sampled: bool) -> tuple[Tensor, dict, dict]:
-        """``_by_autograd``'s results from fast.Manual; autograd only for the loss."""
+        """``_by_autograd``'s results from fast.Manual; autograd only for the loss, or none at all where
+        a whole step runs in kernels.c (unsampled steps of sigmoid-output nets that it has)."""
+        if self.whole_step and not sampled:
+            z = self.manual.step(x, y, self.alive / x.shape[2])
+            if z is not None:
+                return self.member_loss(z.transpose(1, 2), y), {}, {}
         buf = self.manual.forward(x)
         z = buf["z"][-1].detach().requires_grad_()  # (E, n_out, B): a leaf over the output buffer
         loss = self.member_loss(z.transpose(1, 2), y)  # (E,)
