@@ -49,10 +49,11 @@ class Stack:
                 net.redraw_(spec.model)
             else:
                 net, model = build(spec.model, n_in, n_out), spec.model
-                held = [(name, m) for name, m in net.named_modules() if any(True for _ in m.parameters(recurse=False))]
+                held = [(name, m, _augmented(m) is not None) for name, m in net.named_modules()
+                        if any(True for _ in m.parameters(recurse=False))]
                 floats = [(name, b) for name, b in net.named_buffers() if b.is_floating_point()]
-            for name, module in held:
-                rows.setdefault(name, []).append(_row(module))
+            for name, module, dense in held:
+                rows.setdefault(name, []).append(_row(module, dense))
             for name, b in floats:
                 buffers.setdefault(name, []).append(b)
         E, owners = len(specs), list(rows)
@@ -158,9 +159,9 @@ def _augmented(module) -> tuple[int, int] | None:
     return None
 
 
-def _row(module) -> Tensor:
-    """One member's block of a layer: [weight | bias] for a Dense layer, else its parameters in order
+def _row(module, dense: bool) -> Tensor:
+    """One member's block of a layer: [weight | bias] for a ``dense`` layer, else its parameters in order
     (detached: a copy of the values, under no autograd context, which costs more than the copy)."""
-    if _augmented(module):
+    if dense:
         return torch.cat([module.weight.detach(), module.bias.detach()[:, None]], 1).reshape(-1)
     return torch.cat([p.detach().reshape(-1) for p in module.parameters(recurse=False)])
