@@ -133,18 +133,23 @@ def test_hand_written_activation_fills_a_strided_buffer_as_its_module(name):
 
 def test_a_whole_step_in_kernels_c_trains_the_same_bits_as_the_step_layer_by_layer():
     """kernels.step (member after member, forward, loss gradient and backward in one call) against the
-    layer by layer step of the same members: sigmoid and ReLU members, a last batch of another size."""
+    layer by layer step of the same members: sigmoid and ReLU members, a last batch of another size,
+    every statistic of the sampled steps (taken from the layers' buffers that kernels.step fills)."""
     from gradwatch.ensemble.training import Ensemble
 
     specs = [TINY.replace(**{"train.seed": s, "train.epochs": 4, "model.activation": a, "model.width": 10})
              for s, a in enumerate(["sigmoid", "sigmoid", "relu", "relu"])]
-    flats = []
+    trained = []
     for whole in (True, False):
         ens = Ensemble(specs, every=3)
         ens.whole_step = ens.whole_step and whole
         while not ens.done:
             ens.epoch()
-        flats.append(ens.stack.flat)
+        trained.append(ens)
         assert bool(ens.manual.steps) == whole and all(call is not None for _, call in ens.manual.steps.values())
-    assert len(ens.manual.sets) == 2  # batches of 16 and of the rest
-    assert torch.equal(*flats)
+    assert {size for size, _ in trained[0].manual.steps} == {16, 3}  # batches of 16 and the rest
+    assert torch.equal(trained[0].stack.flat, trained[1].stack.flat)
+    blocks = [[(*b[:4], b[4].nan_to_num(-1.0)) for b in ens.blocks] for ens in trained]
+    assert len(blocks[0]) == len(blocks[1]) > 100
+    for (*a, values), (*b, expected) in zip(*blocks, strict=True):
+        assert a == b and torch.equal(values, expected), a

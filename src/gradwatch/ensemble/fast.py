@@ -68,7 +68,8 @@ class Manual:
         # a whole step member by member (kernels.step) needs both codes for every member and no skip connection
         self.whole = bool(self.forward_codes.all()) and torch.equal(self.forward_codes, self.backward_codes) \
             and not any(self._skips(i) for i in range(len(self.names) - 1))
-        self.steps: dict[int, tuple[tuple[Tensor, ...], Callable[[], None] | None]] = {}  # batch size -> kernels.step
+        # (batch size, whether it fills the buffers) -> kernels.step's buffers and call
+        self.steps: dict[tuple[int, bool], tuple[tuple[Tensor, ...], Callable[[], None] | None]] = {}
 
     def _codes(self, table: dict[str, int]) -> Tensor:
         """Each member's activation's code in ``table`` (E,) int8; 0 where it has none."""
@@ -120,18 +121,21 @@ class Manual:
             }
         return self.sets[size]
 
-    def step(self, x: Tensor, y: Tensor, scale: Tensor) -> Tensor | None:
+    def step(self, x: Tensor, y: Tensor, scale: Tensor, taps: bool = False) -> Tensor | None:
         """A whole step of a sigmoid-output, binary cross-entropy stack, member after member in
         kernels.c (``kernels.step``), if ``whole`` and kernels.c is built, else None: from x (E, F, B),
         targets y (E, B, 1) and each member's loss weight over its batch size ``scale`` (E,), every
-        gradient into ``stack.grads`` and the output's pre-activations, returned: (E, 1, B)."""
+        gradient into ``stack.grads`` and the output's pre-activations, returned: (E, 1, B). With
+        ``taps``, the buffers of ``forward`` and ``backward`` (``sets``) hold what they would have."""
         size = x.shape[2]
-        if size not in self.steps:
+        if (size, taps) not in self.steps:
             E, blocks = self.stack.n, [self.stack.dense[n] for n in self.names]
             grads = [self.stack.grads[name].view(b.shape) for name, b in zip(self.names, blocks, strict=True)]
             buffers = (torch.empty(E, x.shape[1], size), torch.empty(E, size), torch.empty(E), torch.empty(E, 1, size))
-            self.steps[size] = buffers, kernels.step(blocks, grads, *buffers, self.forward_codes)
-        (xs, ys, scales, out), call = self.steps[size]
+            buf = self._buffers(size)
+            filled = (buf["h"], buf["z"], [*buf["dz"], buf["g"]]) if taps else None
+            self.steps[size, taps] = buffers, kernels.step(blocks, grads, *buffers, self.forward_codes, filled)
+        (xs, ys, scales, out), call = self.steps[size, taps]
         if call is None:
             return None
         xs.copy_(x)

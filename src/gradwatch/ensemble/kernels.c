@@ -206,10 +206,14 @@ int backward(const float *g, i64 gs_e, i64 gs_r, const float *h, i64 hs_e, i64 h
    the output's pre-activations into out[e] (1, B), dL/dz = (sigmoid(z) - y[e]) scale[e] (as
    autograd computes BCE-with-logits' gradient under a mean scaled by scale[e]), and every layer's
    [dW | db] into d[l][e]; w[l] and d[l] (E, units[l], k[l] + 1) through strides (ws_e, ws_r).
-   Returns 1 where its scratch cannot be allocated, else 0 */
+   Unless taps is NULL, each layer's input, pre-activations and their gradient are also copied out,
+   as the step layer by layer leaves them: into taps[l] (E, k[l] + 1, B), taps[L + 1 + l] and
+   taps[2 (L + 1) + l] (E, units[l], B), all contiguous. Returns 1 where its scratch cannot be
+   allocated, else 0 */
 int step(i64 L, const float *const *w, const i64 *ws_e, const i64 *ws_r, float *const *d, const i64 *ds_e,
          const i64 *ds_r, const i64 *units, const i64 *k, const float *x, i64 xs_e, i64 xs_r, const float *y,
-         i64 ys_e, const float *scale, float *out, i64 outs_e, const int8_t *kinds, i64 E, i64 B) {
+         i64 ys_e, const float *scale, float *out, i64 outs_e, const int8_t *kinds, float *const *taps, i64 E,
+         i64 B) {
   i64 rows = 0, widest = 1;
   for (i64 l = 0; l <= L; l++) {
     rows += k[l] + 1;
@@ -234,11 +238,20 @@ int step(i64 L, const float *const *w, const i64 *ws_e, const i64 *ws_r, float *
     for (i64 l = 0; l < L; l++) {
       product(w[l] + e * ws_e[l], ws_r[l], 1, hl[l], B, z, B, units[l], k[l] + 1, B);
       activate(z, B, hl[l + 1], B, units[l], B, kinds[e]);
+      if (taps) {
+        memcpy(taps[l] + e * (k[l] + 1) * B, hl[l], k[l] * B * sizeof(float));
+        memcpy(taps[L + 1 + l] + e * units[l] * B, z, units[l] * B * sizeof(float));
+      }
     }
     float *zout = out + e * outs_e;
     product(w[L] + e * ws_e[L], ws_r[L], 1, hl[L], B, zout, B, 1, k[L] + 1, B);
+    if (taps) {
+      memcpy(taps[L] + e * (k[L] + 1) * B, hl[L], k[L] * B * sizeof(float));
+      memcpy(taps[2 * L + 1] + e * B, zout, B * sizeof(float));
+    }
     for (i64 b = 0; b < B; b++) g[b] = (sigmoid(zout[b]) - y[e * ys_e + b]) * scale[e];
     for (i64 l = L; l >= 0; l--) {
+      if (taps) memcpy(taps[2 * (L + 1) + l] + e * units[l] * B, g, units[l] * B * sizeof(float));
       outer_product(g, B, hl[l], B, d[l] + e * ds_e[l], ds_r[l], units[l], k[l] + 1, B, acc);
       if (l == 0) break;
       product(w[l] + e * ws_e[l], 1, ws_r[l], g, B, below, B, k[l], units[l], B);

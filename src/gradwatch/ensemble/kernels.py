@@ -67,7 +67,7 @@ def library() -> ctypes.CDLL | None:
     lib.matmul.restype = None
     lib.backward.argtypes = [P, N, N, P, N, N, P, N, N, P, N, N, P, N, N, P, N, N, P, N, N, N, N, N]
     lib.backward.restype = ctypes.c_int
-    lib.step.argtypes = [N, P, P, P, P, P, P, P, P, P, N, N, P, N, P, P, N, P, N, N]
+    lib.step.argtypes = [N, P, P, P, P, P, P, P, P, P, N, N, P, N, P, P, N, P, P, N, N]
     lib.step.restype = ctypes.c_int
     return lib
 
@@ -187,7 +187,8 @@ def backward(g: Tensor, h: Tensor, grad: Tensor, w: Tensor | None = None, dh: Te
 
 
 def step(blocks: list[Tensor], grads: list[Tensor], x: Tensor, y: Tensor, scale: Tensor, out: Tensor,
-         kinds: Tensor) -> Callable[[], None] | None:
+         kinds: Tensor, taps: tuple[list[Tensor], list[Tensor], list[Tensor]] | None = None
+         ) -> Callable[[], None] | None:
     """A call that runs a whole training step of a plain MLP's members, member after member, each time
     it is made, or None where kernels.c is not built (the layer by layer calls above then serve).
 
@@ -198,27 +199,32 @@ def step(blocks: list[Tensor], grads: list[Tensor], x: Tensor, y: Tensor, scale:
     the batch mean, 0 for a retired member): what ``matmul``, ``backward`` and autograd compute for
     it, to the bit, with each member's activations and gradients in cache instead of the layers'
     buffers streamed through memory. ``kinds``: each member's activation, a code of ACTIVATIONS that
-    DERIVATIVES has too."""
+    DERIVATIVES has too. Given ``taps``, each layer's input with its row of ones (E, inputs + 1, B),
+    pre-activations and their gradient (E, units, B), contiguous, it also leaves them there as the
+    layer by layer step does, for the statistics of a sampled step."""
     E, _, B = x.shape
     units = [b.shape[1] for b in blocks]
     inputs = [b.shape[2] - 1 for b in blocks]
     if (units[-1] != 1 or inputs[0] != x.shape[1] or inputs[1:] != units[:-1] or out.shape != (E, 1, B)
             or y.shape != (E, B) or scale.shape != (E,) or kinds.shape != (E,) or kinds.dtype is not torch.int8
-            or any(g.shape != b.shape for g, b in zip(grads, blocks, strict=True))):
+            or any(g.shape != b.shape for g, b in zip(grads, blocks, strict=True)) or (taps is not None and (
+                [t.shape for t in taps[0]] != [(E, b.shape[2], B) for b in blocks]
+                or any([t.shape for t in ts] != [(E, u, B) for u in units] for ts in taps[1:])))):
         raise ValueError(f"kernels.step: shapes x {tuple(x.shape)}, blocks {[tuple(b.shape) for b in blocks]}")
-    if not _native(x, out, *blocks, *grads) or not (y.is_contiguous() and scale.is_contiguous()
-                                                      and kinds.is_contiguous()):
+    tapped = [t for ts in taps or () for t in ts]
+    if not _native(x, out, *blocks, *grads, *tapped) or not all(
+            t.is_contiguous() for t in (y, scale, kinds, *tapped)):
         return None
     L, P, N = len(blocks) - 1, ctypes.c_void_p, ctypes.c_int64
     lists = [(P * (L + 1))(*(t.data_ptr() for t in blocks)), (N * (L + 1))(*(b.stride(0) for b in blocks)),
              (N * (L + 1))(*(b.stride(1) for b in blocks)), (P * (L + 1))(*(g.data_ptr() for g in grads)),
              (N * (L + 1))(*(g.stride(0) for g in grads)), (N * (L + 1))(*(g.stride(1) for g in grads)),
-             (N * (L + 1))(*units), (N * (L + 1))(*inputs)]
+             (N * (L + 1))(*units), (N * (L + 1))(*inputs), (P * len(tapped))(*(t.data_ptr() for t in tapped))]
     run = library().step
-    args = (L, *lists, x.data_ptr(), x.stride(0), x.stride(1), y.data_ptr(), y.stride(0), scale.data_ptr(),
-            out.data_ptr(), out.stride(0), kinds.data_ptr(), E, B)
+    args = (L, *lists[:-1], x.data_ptr(), x.stride(0), x.stride(1), y.data_ptr(), y.stride(0), scale.data_ptr(),
+            out.data_ptr(), out.stride(0), kinds.data_ptr(), lists[-1] if tapped else None, E, B)
 
-    def call(operands=(blocks, grads, x, y, scale, out, kinds, lists)) -> None:
+    def call(operands=(blocks, grads, x, y, scale, out, kinds, tapped, lists)) -> None:
         if run(*args):
             raise MemoryError("kernels.step: no memory for a member's buffers")
 

@@ -156,22 +156,22 @@ class Ensemble:
 
     def _by_hand(self, x: Tensor, y: Tensor, sampled: bool) -> tuple[Tensor, dict, dict]:
         """``_by_autograd``'s results from fast.Manual; autograd only for the loss, or none at all where
-        a whole step runs in kernels.c (unsampled steps of sigmoid-output nets that it has)."""
-        if self.whole_step and not sampled:
-            z = self.manual.step(x, y, self.alive / x.shape[2])
-            if z is not None:
-                return self.member_loss(z.transpose(1, 2), y), {}, {}
-        buf = self.manual.forward(x)
-        z = buf["z"][-1].detach().requires_grad_()  # (E, n_out, B): a leaf over the output buffer
-        loss = self.member_loss(z.transpose(1, 2), y)  # (E,)
-        (loss * self.alive).sum().backward()
-        self.manual.backward(buf, z.grad)
+        a whole step runs in kernels.c (sigmoid-output nets that it has)."""
+        z = self.manual.step(x, y, self.alive / x.shape[2], sampled) if self.whole_step else None
+        if z is not None:
+            loss = self.member_loss(z.transpose(1, 2), y)
+        else:
+            buf = self.manual.forward(x)
+            z = buf["z"][-1].detach().requires_grad_()  # (E, n_out, B): a leaf over the output buffer
+            loss = self.member_loss(z.transpose(1, 2), y)  # (E,)
+            (loss * self.alive).sum().backward()
+            self.manual.backward(buf, z.grad)
         if not sampled:
             return loss, {}, {}
-        names = self.manual.names
+        buf, names = self.manual.sets[x.shape[2]], self.manual.names
         taps = {**dict(zip(names, buf["z"], strict=True)),
                 **{f"act{i}": a for i, a in enumerate(buf["a"], 1)}}
-        return loss, taps, {**dict(zip(names, buf["dz"], strict=False)), "out": z.grad}
+        return loss, taps, {**dict(zip(names, buf["dz"], strict=False)), "out": buf["g"]}
 
     # --- statistics -------------------------------------------------------------------------------
     def _push(self, stat: str, names: tuple[str, ...], values: Tensor, part: slice | None = None) -> None:
