@@ -63,6 +63,13 @@ def test_mismatched_shapes_are_refused_before_any_memory_is_touched():
         kernels.matmul(torch.randn(2, 3, 4), torch.randn(2, 5, 8), torch.empty(2, 3, 8))
     with pytest.raises(ValueError, match="kernels.backward"):
         kernels.backward(torch.randn(2, 3, 8), torch.randn(2, 4, 8), torch.empty(2, 3, 5))
+    with pytest.raises(ValueError, match="kernels.matmul"):  # tanh's forward is not kernels.c's
+        kernels.matmul(torch.randn(2, 3, 4), torch.randn(2, 4, 8), torch.empty(2, 3, 8), torch.empty(2, 3, 8),
+                       torch.tensor([1, 2], dtype=torch.int8))
+    blocks = [torch.randn(2, 3, 3), torch.randn(2, 1, 4)]
+    with pytest.raises(ValueError, match="kernels.step"):  # a whole step needs both tables' code for everyone
+        kernels.step(blocks, [torch.empty_like(b) for b in blocks], torch.randn(2, 2, 8), torch.rand(2, 8),
+                     torch.ones(2), torch.empty(2, 1, 8), torch.tensor([1, 0], dtype=torch.int8))
 
 
 def test_non_finite_values_pass_through():

@@ -2,15 +2,18 @@
 
 A stacked step multiplies thousands of tiny matrices (10 x 11 by 11 x 32 for the seed's nets), where
 MKL's batched GEMM spends about half its time setting up each one. kernels.c keeps a member's rows
-in vector registers instead: at E=512 on this project's CPU the forward product takes 45 instead of
-95-106 us, the input gradient 45-49 instead of 104-109 us and the weight gradient 56-58 instead of
-115 us (``torch.bmm``, one thread, operands in cache; equal to 6e-6). A layer's two backward
-products run in one pass over its gradient, which a step otherwise streams from memory twice.
+in vector registers instead: at E=512 on this project's CPU the forward product takes 26 instead of
+95-106 us, a layer's backward (weight and input gradients in one pass over its gradient) 81 instead
+of 220-270 us (``torch.bmm``, one thread, operands in cache; equal to 6e-6). The activations and
+derivatives it has are applied while a member's block is in cache (``ACTIVATIONS``, ``DERIVATIVES``),
+and ``step`` runs a whole training step member after member, so that the layers' buffers for all
+members are not streamed through memory between one layer and the next.
 
 It is compiled once per machine with the system's C compiler (``$CC``, else ``cc``; 0.3 s) into the
 user's cache, as ``torch.utils.cpp_extension.load`` builds extensions on first use, and called
 through ctypes (~2 us a call). Where no compiler works, or with ``GRADWATCH_KERNELS=torch``, every
-call made here is ``torch.bmm``'s, which computes the same numbers to float rounding, slower.
+call made here is torch's (``torch.bmm``, aten's activations), which computes the same numbers to
+float rounding, slower, and ``step`` is None.
 What torch ships was tried first: ``torch.compile`` of the same products (as broadcast multiply and
 sum, which inductor turns into similar loops) ran them about as fast, but cost 20-25 us of Python
 per call and 9 s (cached) to 29 s of compiling per step shape, more than a whole 512-member ensemble.
@@ -205,8 +208,10 @@ def step(blocks: list[Tensor], grads: list[Tensor], x: Tensor, y: Tensor, scale:
     E, _, B = x.shape
     units = [b.shape[1] for b in blocks]
     inputs = [b.shape[2] - 1 for b in blocks]
+    both = set(ACTIVATIONS.values()) & set(DERIVATIVES.values())
     if (units[-1] != 1 or inputs[0] != x.shape[1] or inputs[1:] != units[:-1] or out.shape != (E, 1, B)
             or y.shape != (E, B) or scale.shape != (E,) or kinds.shape != (E,) or kinds.dtype is not torch.int8
+            or not set(kinds.tolist()) <= both
             or any(g.shape != b.shape for g, b in zip(grads, blocks, strict=True)) or (taps is not None and (
                 [t.shape for t in taps[0]] != [(E, b.shape[2], B) for b in blocks]
                 or any([t.shape for t in ts] != [(E, u, B) for u in units] for ts in taps[1:])))):
