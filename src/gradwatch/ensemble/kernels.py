@@ -63,7 +63,7 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:  # RuntimeError: no home directory
         said = (getattr(error, "stderr", None) or b"").decode(errors="replace").strip().splitlines()
         warnings.warn(f"gradwatch: kernels.c not built ({error}{': ' + said[0] if said else ''}); stacked "
-                      f"ensembles use torch.bmm, about 1.4x slower", RuntimeWarning, stacklevel=2)
+                      f"ensembles train through torch, about 1.5x slower", RuntimeWarning, stacklevel=2)
         return None
     P, N = ctypes.c_void_p, ctypes.c_int64
     lib.matmul.argtypes = [P, N, N, N, P, N, N, P, N, N, P, N, N, P, N, N, N, N]
