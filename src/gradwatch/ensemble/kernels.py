@@ -200,11 +200,13 @@ def step(blocks: list[Tensor], grads: list[Tensor], x: Tensor, y: Tensor, scale:
     inputs, B) it writes z into ``out`` (E, 1, B) and into ``grads`` (shaped as ``blocks``) each
     layer's gradient of ``scale[e]`` times the batch's summed BCE-with-logits (scale (E,): 1/B for
     the batch mean, 0 for a retired member): what ``matmul``, ``backward`` and autograd compute for
-    it, to the bit, with each member's activations and gradients in cache instead of the layers'
-    buffers streamed through memory. ``kinds``: each member's activation, a code of ACTIVATIONS that
-    DERIVATIVES has too. Given ``taps``, each layer's input with its row of ones (E, inputs + 1, B),
-    pre-activations and their gradient (E, units, B), contiguous, it also leaves them there as the
-    layer by layer step does, for the statistics of a sampled step."""
+    it, to the bit where aten's sigmoid runs its vector loop (E x B a multiple of 32; its last
+    sigmoids it takes with the C library's exp, an ulp apart), with each member's activations and
+    gradients in cache instead of the layers' buffers streamed through memory. ``kinds``: each
+    member's activation, a code of ACTIVATIONS that DERIVATIVES has too. Given ``taps``, each layer's
+    input with its row of ones (E, inputs + 1, B), pre-activations and their gradient (E, units, B),
+    contiguous, it also leaves them there as the layer by layer step does, for the statistics of a
+    sampled step."""
     E, _, B = x.shape
     units = [b.shape[1] for b in blocks]
     inputs = [b.shape[2] - 1 for b in blocks]
