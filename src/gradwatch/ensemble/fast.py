@@ -9,8 +9,9 @@ no activation is allocated or copied twice. It computes what autograd computes, 
 go through kernels.py, the small batched matmuls that are most of a step's time, which also apply
 the activations and their derivatives that kernels.c has. Where it has every member's activation, there
 is no skip connection and the output is a sigmoid under binary cross-entropy (the seed's nets), a step
-that records no activations runs whole in kernels.c, member after member (``step``), so that a
-member's activations and gradients stay in cache: 0.76x of the layer by layer step's training time.
+runs whole in kernels.c, member after member (``step``; on a sampled step it also fills the buffers
+the statistics read), so that a member's activations and gradients stay in cache: 0.76x of the layer
+by layer step's training time.
 """
 
 from __future__ import annotations
