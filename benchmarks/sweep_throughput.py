@@ -189,7 +189,8 @@ def main() -> None:
     parser.add_argument("--workload", choices=("seed", "criticality"), default="seed")
     parser.add_argument("--depth", type=int, default=22, help="the criticality grid's depth to time")
     parser.add_argument("--torch-products", action="store_true",
-                        help="the stacked step's products through torch.bmm, not kernels.c (GRADWATCH_KERNELS=torch)")
+                        help="the stacked step through torch (torch.bmm, aten's activations), not kernels.c "
+                             "(GRADWATCH_KERNELS=torch)")
     args = parser.parse_args()
     if args.torch_products:  # before any process builds the library; the spawned workers inherit it
         os.environ["GRADWATCH_KERNELS"] = "torch"
@@ -214,8 +215,8 @@ def main() -> None:
     base = per_run["loop (baseline)"]
     what = f"seed experiment, {SEED.train.epochs} epochs" if args.workload == "seed" \
         else f"criticality grid at depth {args.depth}, 1 epoch"
-    products = "kernels.c" if kernels.library() is not None else "torch.bmm"
-    print(f"\n{what}; torch {torch.__version__}, 1 torch thread per process, products by {products}, "
+    road = "kernels.c" if kernels.library() is not None else "torch"
+    print(f"\n{what}; torch {torch.__version__}, 1 torch thread per process, step by {road}, "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; medians of {args.repeats}")
     print(f"{'line':<30}{'ms/run':>10}{'runs/s':>10}{'x loop':>9}")
     for name, _, _ in todo:

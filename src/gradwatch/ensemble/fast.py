@@ -62,6 +62,8 @@ class Manual:
     def __init__(self, stack: Stack, n_in: int):
         self.stack, self.n_in = stack, n_in
         self.names = list(stack.dense)  # dense1 .. denseL, out
+        self.blocks = [stack.dense[name] for name in self.names]  # each layer's [W | b] (E, out, in + 1)
+        self.grads = [stack.grads[name].view(b.shape) for name, b in zip(self.names, self.blocks, strict=True)]
         self.sets: dict[int, dict[str, list]] = {}  # batch size -> buffers and the calls bound to them
         self.acts = [(stack.fns[name], *ACTS[type(stack.fns[name]).__name__], part) for name, part in stack.groups]
         # each member's activation as kernels.c's codes: applied inside the products, derived inside the backward
@@ -89,7 +91,7 @@ class Manual:
         takes the activation's derivative likewise, writing dL/dz of the layer below (its ``dh`` is
         that ``dz``); the other members' derivatives follow in place (``derive``)."""
         if size not in self.sets:
-            E, blocks = self.stack.n, [self.stack.dense[n] for n in self.names]
+            E, blocks, grads = self.stack.n, self.blocks, self.grads
             h = [torch.empty(E, b.shape[2], size) for b in blocks]
             for rows in h:
                 rows[:, -1] = 1.0
@@ -101,7 +103,6 @@ class Manual:
             dh = [dz[i - 1] if fused[i] else torch.empty(E, b.shape[2] - 1, size) if i else None
                   for i, b in enumerate(blocks)]
             g = torch.empty_like(z[-1])
-            grads = [self.stack.grads[name].view(b.shape) for name, b in zip(self.names, blocks, strict=True)]
             starts = [*dz, g]  # layer i's backward starts from dL/dz of layer i
             self.sets[size] = {
                 "h": h, "z": z, "a": a, "dz": dz, "dh": dh, "g": g,
@@ -130,12 +131,12 @@ class Manual:
         ``taps``, the buffers of ``forward`` and ``backward`` (``sets``) hold what they would have."""
         size = x.shape[2]
         if (size, taps) not in self.steps:
-            E, blocks = self.stack.n, [self.stack.dense[n] for n in self.names]
-            grads = [self.stack.grads[name].view(b.shape) for name, b in zip(self.names, blocks, strict=True)]
+            E = self.stack.n
             buffers = (torch.empty(E, x.shape[1], size), torch.empty(E, size), torch.empty(E), torch.empty(E, 1, size))
-            buf = self._buffers(size)
-            filled = (buf["h"], buf["z"], [*buf["dz"], buf["g"]]) if taps else None
-            self.steps[size, taps] = buffers, kernels.step(blocks, grads, *buffers, self.forward_codes, filled)
+            buf = self._buffers(size) if taps else None
+            filled = (buf["h"], buf["z"], [*buf["dz"], buf["g"]]) if buf else None
+            self.steps[size, taps] = buffers, kernels.step(self.blocks, self.grads, *buffers, self.forward_codes,
+                                                           filled)
         (xs, ys, scales, out), call = self.steps[size, taps]
         if call is None:
             return None
